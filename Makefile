@@ -1,0 +1,33 @@
+# Everything a fresh machine needs goes through these targets (see README.md).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev
+
+.PHONY: install test lint typecheck unit demo clean
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+# torch first, pinned: it installs the local CPU wheel (any other spec pulls CUDA packages).
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+demo: install
+	$(VENV)/bin/dpig demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

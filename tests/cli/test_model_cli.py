@@ -1,0 +1,92 @@
+"""`dpig model info`: the §9 numbers through the CLI, and its user errors (exit 2, one line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner, Result
+
+from cli.main import app
+from dpig_core.config import PRESETS
+from dpig_core.models import DPIG
+from dpig_core.weights import save_pretrained
+
+runner = CliRunner()
+
+
+def test_market_json_gives_the_spec_numbers() -> None:
+    result = runner.invoke(app, ["model", "info", "--preset", "market", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["preset"] == "market" and report["image"] == [128, 64]
+    nets, g = report["networks"], report["totals"]["stage1_generator"]
+    # The exact counts pinned in tests/dpig_core/test_model_info.py.
+    assert (g["params"], g["macs"]) == (118_549_859, 68_079_464_448)
+    assert nets["decoder"] == {
+        "params": 71_197_123, "macs": 40_668_495_872, "macs_fast_input_conv": 37_350_232_064,
+    }  # fmt: skip
+    assert nets["encoder"] == {"params": 47_352_736, "macs": 27_410_968_576}
+    assert nets["discriminator"] == {"params": 4_324_737, "macs": 324_419_584}
+    assert round(g["params"] / 1e6, 1) == 118.5
+    assert round(nets["encoder"]["params"] / 1e6, 1) == 47.4
+    assert round(nets["decoder"]["params"] / 1e6, 1) == 71.2
+    assert round(nets["discriminator"]["params"] / 1e6, 2) == 4.32
+    assert round(nets["decoder"]["macs"] / 1e9, 1) == 40.7
+    assert round(nets["encoder"]["macs"] / 1e9, 1) == 27.4
+    assert round(nets["discriminator"]["macs"] / 1e9, 2) == 0.32
+
+
+def test_table_output() -> None:
+    result = runner.invoke(app, ["model", "info", "-p", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "tiny: 32×16" in result.output
+    for name in ("encoder", "decoder", "discriminator", "critic_pose", "stage1_generator"):
+        assert name in result.output
+
+
+def test_weights_folder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    folder = save_pretrained(DPIG(PRESETS["tiny"]), tmp_path / "w")
+    result = runner.invoke(app, ["model", "info", "--weights", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["preset"] == "tiny"
+
+
+def one_line_error(result: Result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_bad_preset_exits_2_with_one_line() -> None:
+    result = runner.invoke(app, ["model", "info", "--preset", "nope", "--json"])
+    one_line_error(result, "unknown preset 'nope'", "market, deepfashion, market-small, tiny")
+
+
+def test_preset_or_weights_exactly_one(tmp_path: Path) -> None:
+    one_line_error(runner.invoke(app, ["model", "info"]), "exactly one of")
+    result = runner.invoke(app, ["model", "info", "-p", "tiny", "-w", str(tmp_path)])
+    one_line_error(result, "exactly one of")
+
+
+def test_weights_folder_without_config(tmp_path: Path) -> None:
+    one_line_error(runner.invoke(app, ["model", "info", "-w", str(tmp_path)]), "config.json")
+
+
+def test_weights_folder_with_bad_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny"].to_dict() | {"depth": 3}))
+    one_line_error(runner.invoke(app, ["model", "info", "-w", str(tmp_path)]), "depth")
+    (tmp_path / "config.json").write_text("{not json")
+    assert runner.invoke(app, ["model", "info", "-w", str(tmp_path)]).exit_code == 2
+
+
+def test_weights_folder_with_incomplete_config(tmp_path: Path) -> None:
+    # A config.json without "height"/"width" is a user error too: it should be one line and exit 2,
+    # not a TypeError traceback.
+    (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
+    one_line_error(runner.invoke(app, ["model", "info", "-w", str(tmp_path)]), "height")
