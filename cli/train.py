@@ -103,7 +103,7 @@ def train(
     try:
         model = start_model(config, out, init, seed)
         for name in order:
-            stage_config = defaults[name].with_overrides(**common, **overrides.get(name, {}))
+            stage_config = defaults[name].with_overrides(**{**common, **overrides.get(name, {})})
             console.print(f"[bold]{name}[/]: {stage_config.to_dict()}")
             result = run_stage(name, model, records, stage_config, out, device=pick_device(device),
                                resume=resume, progress=progress)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,29 +46,45 @@ class DPIGConfig:
     critic_layers: int = 3
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("height", "width", "hidden", "roi_size", "roi_dim", "bottleneck_dim"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        down = 2 ** (self.decoder_depth - 1)
-        if self.height % down or self.width % down:
-            problems.append(
-                f"height×width {self.height}x{self.width} must be divisible by 2^(decoder_depth-1)"
-                f" = {down}"
-            )
-        if self.height % 16 or self.width % 16:
-            problems.append("height and width must be multiples of 16 for the discriminator")
-        if self.encoder == "fgbg" and (self.height % 2 ** (self.bg_depth - 1)):
-            problems.append(f"height {self.height} must be divisible by 2^(bg_depth-1)")
-        if self.roi_size % 2 ** (self.roi_depth - 1):
-            problems.append(f"roi_size {self.roi_size} must be divisible by 2^(roi_depth-1)")
-        if self.disc_logit_width is not None and self.disc_features % self.disc_logit_width:
-            problems.append(
-                f"disc_logit_width {self.disc_logit_width} must divide the {self.disc_features} "
-                "discriminator features"
-            )
+        problems = self._problems()
         if problems:
             raise ValueError(f"invalid config {self.name!r}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            wanted = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+            if wanted is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
+                return [f"{f.name} must be {f.type}, got {value!r}"]
+        problems = []
+        positive = ("height", "width", "hidden", "roi_size", "roi_dim", "bg_dim", "bottleneck_dim",
+                    "disc_dim", "pose_dim", "pose_hidden", "map_hidden_fg", "map_hidden_bg",
+                    "map_hidden_pose", "critic_hidden", "roi_depth", "bg_depth",
+                    "decoder_depth", "critic_layers")  # fmt: skip
+        problems += [f"{n} must be positive, got {getattr(self, n)}" for n in positive
+                     if getattr(self, n) <= 0]  # fmt: skip
+        if self.encoder not in ("fgbg", "app"):
+            problems.append(f"encoder must be 'fgbg' or 'app', got {self.encoder!r}")
+        if self.roi_style not in ("market", "deepfashion"):
+            problems.append(f"roi_style must be 'market' or 'deepfashion', got {self.roi_style!r}")
+        size = f"{self.height}x{self.width}"
+        for depth_name, sides in (("decoder_depth", (self.height, self.width)),
+                                  ("bg_depth", (self.height, self.width) if self.has_bg else ()),
+                                  ("roi_depth", (self.roi_size,))):  # fmt: skip
+            down = 2 ** (getattr(self, depth_name) - 1)
+            if down >= 1 and any(side % down for side in sides):
+                what = "roi_size" if depth_name == "roi_depth" else size
+                problems.append(f"{what} must be divisible by 2^({depth_name}-1) = {down}")
+        if self.height % 16 or self.width % 16:
+            problems.append(f"{size}: height and width must be multiples of 16 (discriminator)")
+        elif self.disc_logit_width is not None and (
+            self.disc_logit_width <= 0 or self.disc_features % self.disc_logit_width
+        ):
+            problems.append(
+                f"disc_logit_width {self.disc_logit_width} must be a positive divisor of the "
+                f"{self.disc_features} discriminator features"
+            )
+        return problems
 
     # Derived sizes -----------------------------------------------------------------------------
     @property
@@ -110,11 +126,20 @@ class DPIGConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if required:
+            raise ValueError(f"config is missing field(s): {', '.join(required)}")
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> DPIGConfig:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("config must be a JSON object")
+        return cls.from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path) -> DPIGConfig:

@@ -108,11 +108,12 @@ def crop_and_resize(features: torch.Tensor, boxes: torch.Tensor, size: int) -> t
     """
     _, _, h, w = features.shape
     dtype = features.dtype if features.is_floating_point() else torch.float32
-    boxes = boxes.to(device=features.device, dtype=torch.float32)
+    coord = torch.float64 if dtype == torch.float64 else torch.float32
+    boxes = boxes.to(device=features.device, dtype=coord)
     y1n, x1n = boxes[..., 0:1] / h, boxes[..., 1:2] / w  # [B, R, 1]
     y2n, x2n = boxes[..., 2:3] / h, boxes[..., 3:4] / w
     if size > 1:
-        steps = torch.arange(size, device=features.device, dtype=torch.float32) / (size - 1)
+        steps = torch.arange(size, device=features.device, dtype=coord) / (size - 1)
         ys = y1n * (h - 1) + steps * (y2n - y1n) * (h - 1)  # [B, R, S]
         xs = x1n * (w - 1) + steps * (x2n - x1n) * (w - 1)
     else:

@@ -85,7 +85,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not path.is_file():
         raise WeightsError(f"{path}: no manifest; was this folder written by save_pretrained?")
-    manifest: dict[str, Any] = json.loads(path.read_text())
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable JSON manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise WeightsError(f"{path}: manifest has no 'files' table")
     if manifest.get("format") != FORMAT:
         raise WeightsError(f"{path}: unsupported format {manifest.get('format')!r}, want {FORMAT}")
     return manifest
@@ -117,9 +122,19 @@ def from_pretrained(
     """Load a verified weights folder; the model is returned in eval mode on `device`."""
     folder = Path(directory)
     manifest = verify(folder)
-    config = DPIGConfig.load(folder / CONFIG)
+    try:
+        config = DPIGConfig.load(folder / CONFIG)
+    except ValueError as exc:
+        raise WeightsError(f"{folder / CONFIG}: {exc}") from None
     model = DPIG(config)
     state = load_file(str(folder / WEIGHTS))
+    expected = model.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise WeightsError(
+            f"{folder / WEIGHTS}: does not match config {config.name!r}: {wrong[0]} has shape "
+            f"{tuple(state[wrong[0]].shape)}, the config builds {tuple(expected[wrong[0]].shape)}"
+        )
     result = model.load_state_dict(state, strict=False)
     components = set(manifest["components"])
     missing = [k for k in result.missing_keys if k.split(".", 1)[0] in components]

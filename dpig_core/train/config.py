@@ -23,7 +23,13 @@ class StageConfig:
     def with_overrides(self, **values: Any) -> Any:
         """A copy with every non-None override applied (CLI options default to None)."""
         known = {f.name for f in fields(self)}
-        changes = {k: v for k, v in values.items() if v is not None and k in known}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} has no field(s) {', '.join(unknown)}; "
+                f"fields: {', '.join(sorted(known))}"
+            )
+        changes = {k: v for k, v in values.items() if v is not None}
         return type(self)(**{**asdict(self), **changes})
 
     def lr_at(self, step: int) -> float:
@@ -37,6 +43,9 @@ class Stage1Config(StageConfig):
     steps: int = 120_000
     batch_size: int = 16
     l1_weight: float = 20.0
+    # The reference weighs the adversarial term 1. Short CPU runs at a raised learning rate let the
+    # discriminator win before anything is reconstructed; a smaller weight keeps L1 in charge.
+    adv_weight: float = 1.0
     beta1: float = 0.5
     beta2: float = 0.999
 

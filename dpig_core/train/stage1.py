@@ -52,7 +52,7 @@ def generator_step(model: DPIG, batch: Sample, cfg: Stage1Config) -> dict[str, f
     x_hat = reconstruct(model, batch)
     l1 = (x_hat.float() - x).abs().mean()
     adv = _bce(model.discriminator(x_hat), 1.0)  # non-saturating
-    loss = adv + cfg.l1_weight * l1
+    loss = cfg.adv_weight * adv + cfg.l1_weight * l1
     loss.backward()
     return {"g_loss": loss.item(), "g_adv": adv.item(), "l1": l1.item()}
 

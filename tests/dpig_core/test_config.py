@@ -77,8 +77,8 @@ def test_unknown_field_raises_value_error_naming_it() -> None:
         ({"height": 24}, "multiples of 16"),
         ({"width": 48, "decoder_depth": 6}, r"divisible by 2\^\(decoder_depth-1\) = 32"),
         ({"roi_size": 10}, "roi_size 10 must be divisible by 2\\^\\(roi_depth-1\\)"),
-        ({"disc_logit_width": 100}, "disc_logit_width 100 must divide the 128"),
-        ({"height": 48, "bg_depth": 6}, r"height 48 must be divisible by 2\^\(bg_depth-1\)"),
+        ({"disc_logit_width": 100}, "disc_logit_width 100 must be a positive divisor of the 128"),
+        ({"height": 48, "bg_depth": 6}, r"48x16 must be divisible by 2\^\(bg_depth-1\)"),
     ],
 )
 def test_invalid_sizes_raise_value_error(changes: dict[str, int], message: str) -> None:

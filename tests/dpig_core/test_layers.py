@@ -20,6 +20,8 @@ from dpig_core.layers import (
     xavier_,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 # A 4×4 map whose value is its own index 4·y + x: bilinear sampling of it at (y, x) gives 4y + x.
 RAMP = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
 

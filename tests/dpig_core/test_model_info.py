@@ -14,6 +14,8 @@ import pytest
 from dpig_core.config import PRESETS, DPIGConfig
 from dpig_core.model_info import model_info
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def conv(k: int, cin: int, cout: int, h: int, w: int) -> tuple[int, int]:
     """(params, MACs) of a k×k conv with output size h×w."""

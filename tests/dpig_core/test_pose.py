@@ -37,6 +37,8 @@ from dpig_core.pose import (
     write_keypoints_csv,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def rcv_with(points: dict[int, tuple[float, float]]) -> np.ndarray:
     """An RCV array with the given keypoints visible at (row, col); every other one missing."""
@@ -201,9 +203,9 @@ def test_single_limb_gives_the_stamped_disks() -> None:
 
 
 def test_limb_with_interior_points() -> None:
-    # Neck (4, 4) → right shoulder (4, 8), radius 1: length 4, N = 4 → interior (4, 5), (4, 6),
-    # (4, 7).
-    # Union of 5 pluses: row 3 cols 4..8, row 4 cols 3..9, row 5 cols 4..8 (closed under closing).
+    # Neck (4, 4) → right shoulder (4, 8), radius 1: length 4, N = 4 → interior points (4, 5),
+    # (4, 6), (4, 7). Union of 5 pluses: row 3 cols 4..8, row 4 cols 3..9, row 5 cols 4..8
+    # (closed under the closing).
     mask = limb_mask(rcv_with({1: (4, 4), 2: (4, 8)}), 9, 13, radius=1)
     expect = np.zeros((9, 13), np.uint8)
     expect[3, 4:9] = 1

@@ -29,6 +29,8 @@ from dpig_core.weights import (
     weights_sha256,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]
 
 

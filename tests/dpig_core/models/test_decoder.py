@@ -10,6 +10,8 @@ from dpig_core.config import PRESETS
 from dpig_core.models.decoder import UNetDecoder, constant_input_conv
 from dpig_core.pose import pose_maps
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]
 
 

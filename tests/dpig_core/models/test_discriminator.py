@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from dpig_core.config import PRESETS
 from dpig_core.models.discriminator import DCGANDiscriminator
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]  # disc_dim 8 → 2·1·64 = 128 features
 BOUND = 0.02 * math.sqrt(3)
 
@@ -92,7 +94,7 @@ def test_multi_logit_rows() -> None:
     ref = feats @ disc.fc.weight[0] + disc.fc.bias[0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert DCGANDiscriminator(TINY.with_changes(disc_logit_width=128))(x).shape == (3, 1)
-    with pytest.raises(ValueError, match="disc_logit_width 48 must divide"):
+    with pytest.raises(ValueError, match="disc_logit_width 48 must be a positive divisor"):
         TINY.with_changes(disc_logit_width=48)
 
 

@@ -11,6 +11,8 @@ from dpig_core.config import PRESETS
 from dpig_core.models import DPIG, AppEncoder, FgBgEncoder
 from dpig_core.pose import denormalize_rcv, limb_mask, normalize_rcv, pose_maps, roi_boxes
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]
 
 # A standing person in the 32×16 tiny frame (row, col).

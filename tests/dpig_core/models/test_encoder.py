@@ -11,6 +11,8 @@ from torch import nn
 from dpig_core.config import PRESETS, DPIGConfig
 from dpig_core.models.encoder import AppEncoder, FgBgEncoder, build_encoder
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]
 TINY_APP = TINY.with_changes(encoder="app", roi_style="deepfashion")
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dpig_core.config import PRESETS
 from dpig_core.models import DPIG, factor_dims
 from dpig_core.models.mlp import Critic, Mapping, ResidualMLP
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def z(batch: int, dim: int, seed: int = 0) -> torch.Tensor:

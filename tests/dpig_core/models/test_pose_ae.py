@@ -11,6 +11,8 @@ from dpig_core.config import PRESETS
 from dpig_core.models.pose_ae import PoseAE, PoseDecoder, straight_through_round
 from dpig_core.pose import normalize_rcv
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TINY = PRESETS["tiny"]  # pose_dim 8, pose_hidden 16, mlp_blocks 2
 
 
