@@ -27,7 +27,9 @@ def default_model() -> Path:
 
 
 def demo(
-    model_dir: Path = typer.Option(None, "--model", help="Weights folder (default: the bundled model)."),
+    model_dir: Path = typer.Option(
+        None, "--model", help="Weights folder (default: the bundled model)."
+    ),
     out: Path = typer.Option(None, help="Output folder (default: $DPIG_HOME/demo)."),
     sources: int = typer.Option(4, min=1, max=64, help="Source people of the pose grid."),
     poses: int = typer.Option(6, min=1, max=64, help="Target poses of the pose grid."),
@@ -48,7 +50,9 @@ def demo(
     except WeightsError as exc:
         fail(str(exc))
     console.print(f"model: {result['model']} ({model_dir})")
-    console.print(f"pose grid: {result['pose_grid_items']} images in [cyan]{result['pose_grid_dir']}")
+    console.print(
+        f"pose grid: {result['pose_grid_items']} images in [cyan]{result['pose_grid_dir']}"
+    )
     console.print(f"  contact sheet: [cyan]{result['pose_grid_sheet']}")
     console.print(f"samples: {result['sample_items']} images in [cyan]{result['sample_dir']}")
     console.print(f"  contact sheet: [cyan]{result['sample_sheet']}")

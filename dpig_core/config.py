@@ -53,7 +53,12 @@ class DPIGConfig:
     def _problems(self) -> list[str]:
         for f in fields(self):
             value = getattr(self, f.name)
-            wanted = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+            types: dict[str, type | tuple[type, ...]] = {
+                "int": int,
+                "float": (int, float),
+                "str": str,
+            }
+            wanted = types.get(str(f.type))
             if wanted is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
                 return [f"{f.name} must be {f.type}, got {value!r}"]
         problems = []
@@ -73,7 +78,7 @@ class DPIGConfig:
                                   ("roi_depth", (self.roi_size,))):  # fmt: skip
             down = 2 ** (getattr(self, depth_name) - 1)
             if down >= 1 and any(side % down for side in sides):
-                what = "roi_size" if depth_name == "roi_depth" else size
+                what = f"roi_size {self.roi_size}" if depth_name == "roi_depth" else size
                 problems.append(f"{what} must be divisible by 2^({depth_name}-1) = {down}")
         if self.height % 16 or self.width % 16:
             problems.append(f"{size}: height and width must be multiples of 16 (discriminator)")

@@ -61,7 +61,9 @@ def run_demo(
     # Virtual Market: one fg code per identity; background and pose drawn per image.
     gen = torch.Generator().manual_seed(seed)
     n = identities * per_identity
-    fg = map_z(model, "fg", sample_z(model, "fg", identities, gen)).repeat_interleave(per_identity, 0)
+    fg = map_z(model, "fg", sample_z(model, "fg", identities, gen)).repeat_interleave(
+        per_identity, 0
+    )
     bg = map_z(model, "bg", sample_z(model, "bg", n, gen)) if cfg.has_bg else None
     rcv = decode_pose(model, map_z(model, "pose", sample_z(model, "pose", n, gen)))
     images = render(model, fg, bg, rcv)
