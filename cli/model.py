@@ -94,3 +94,43 @@ def evaluate(
     if out:
         out.write_text(text + "\n")
     typer.echo(text)
+
+
+@app.command("export")
+def export(
+    weights: Path = typer.Option(..., "--weights", "-w", help="Weights folder to export."),
+    out: Path = typer.Option(..., "--out", "-o", help="New weights folder."),
+    name: str = typer.Option(..., help="Name recorded in the manifest."),
+    version: str = typer.Option("0.1.0", help="Version recorded in the manifest."),
+    inference_only: bool = typer.Option(
+        True, help="Drop the discriminator and critics (generation never needs them)."
+    ),
+    include: list[Path] = typer.Option(
+        [], help="Files copied into the folder and hashed in its manifest (model card, metrics)."
+    ),
+) -> None:
+    """Write a named, versioned, hashed copy of a weights folder (how models/ is made)."""
+    import shutil
+
+    from dpig_core.weights import (
+        ALL_COMPONENTS,
+        INFERENCE_COMPONENTS,
+        WeightsError,
+        from_pretrained,
+        save_pretrained,
+    )
+
+    try:
+        model = from_pretrained(weights)
+    except WeightsError as exc:
+        fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    for path in include:
+        if not path.is_file():
+            fail(f"--include {path}: no such file")
+        if path.resolve() != (out / path.name).resolve():
+            shutil.copyfile(path, out / path.name)
+    components = INFERENCE_COMPONENTS if inference_only else ALL_COMPONENTS
+    save_pretrained(model, out, name=name, version=version, components=components,
+                    extra_files=tuple(p.name for p in include))  # fmt: skip
+    typer.echo(f"wrote {name} {version} to {out}")

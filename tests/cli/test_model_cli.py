@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner, Result
 
 from cli.main import app
 from dpig_core.config import PRESETS
 from dpig_core.models import DPIG
-from dpig_core.weights import save_pretrained
+from dpig_core.weights import INFERENCE_COMPONENTS, WeightsError, save_pretrained, verify
 
 runner = CliRunner()
 
@@ -90,3 +91,23 @@ def test_weights_folder_with_incomplete_config(tmp_path: Path) -> None:
     # not a TypeError traceback.
     (tmp_path / "config.json").write_text(json.dumps({"name": "x"}))
     one_line_error(runner.invoke(app, ["model", "info", "-w", str(tmp_path)]), "height")
+
+
+def test_export_writes_an_inference_only_hashed_copy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = save_pretrained(DPIG(PRESETS["tiny"]), tmp_path / "src")
+    card = tmp_path / "README.md"
+    card.write_text("# card\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["model", "export", "--weights", str(src), "--out", str(out),
+                                 "--name", "demo-model", "--version", "1.2.3",
+                                 "--include", str(card)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    manifest = verify(out)
+    assert manifest["name"] == "demo-model" and manifest["version"] == "1.2.3"
+    assert manifest["components"] == list(INFERENCE_COMPONENTS)
+    assert "README.md" in manifest["files"]
+    (out / "README.md").write_text("# edited\n")
+    with pytest.raises(WeightsError, match="README.md"):
+        verify(out)
+    assert json.loads((out / "config.json").read_text())["name"] == "tiny"
