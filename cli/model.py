@@ -87,8 +87,15 @@ def evaluate(
     if fid_count:
         if len(records) < 2 * fid_count:
             fail(f"FID needs {2 * fid_count} held-out images, the split has {len(records)}")
+        from dpig_core.metrics.fid import FIDWeightsError, InceptionFeatures
+
+        try:
+            extractor = InceptionFeatures()
+        except FIDWeightsError as exc:
+            fail(f"{exc} (or pass --fid-count 0)")
         real_a, real_b = records[::2], records[1::2]
-        report["sampling"] = sampling_fid(model, real_a, real_b, count=fid_count, seed=seed)
+        report["sampling"] = sampling_fid(model, real_a, real_b, count=fid_count, seed=seed,
+                                          extractor=extractor)  # fmt: skip
     report["environment"] = environment()
     text = json.dumps(report, indent=2, default=str)
     if out:

@@ -128,7 +128,7 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     from scipy import linalg
 
     diff = a.mu - b.mu
-    covmean, _ = linalg.sqrtm(a.sigma @ b.sigma, disp=False)
+    covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
         eps = np.eye(len(a.sigma)) * 1e-6
         covmean = linalg.sqrtm((a.sigma + eps) @ (b.sigma + eps))

@@ -111,3 +111,18 @@ def test_export_writes_an_inference_only_hashed_copy(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="README.md"):
         verify(out)
     assert json.loads((out / "config.json").read_text())["name"] == "tiny"
+
+
+def test_evaluate_reports_named_ssim_variants(tiny_market: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    weights = save_pretrained(DPIG(PRESETS["tiny"]), tmp_path / "w")
+    out = tmp_path / "metrics.json"
+    args = ["model", "evaluate", "--weights", str(weights), "--data", str(tiny_market)]
+    result = runner.invoke(app, [*args, "--fid-count", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())["reconstruction"]
+    assert report["images"] == 9  # 3 held-out identities × 4 images, one of each in query/
+    assert set(report["ssim_variants"]) == {"ssim_dpig", "ssim_patn", "ssim_gfla"}
+    assert 0 <= report["l1"] <= 1
+    too_many = runner.invoke(app, [*args, "--fid-count", "1000"])
+    assert too_many.exit_code == 2 and "FID needs 2000 held-out images" in too_many.output
