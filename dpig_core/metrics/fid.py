@@ -7,7 +7,6 @@ pytorch-fid's, so values are comparable with each other, not with papers to the 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable
@@ -19,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+
+from dpig_core.weights import sha256_file
 
 FID_WEIGHTS_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INPUT_RANGE = (-1.0, 0.9921875)  # what the TF graph's input normalisation expects
@@ -38,14 +39,6 @@ def default_weights_path() -> Path:
             "(or pass the path of default_1.pt)"
         )
     return Path(spec.origin).parent / "default_1.pt"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def nv_bilinear_resize(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> torch.Tensor:
@@ -68,7 +61,7 @@ class InceptionFeatures:
         weights = Path(path) if path else default_weights_path()
         if not weights.is_file():
             raise FIDWeightsError(f"{weights}: Inception weights not found")
-        actual = _sha256(weights)
+        actual = sha256_file(weights)
         if actual != FID_WEIGHTS_SHA256:
             raise FIDWeightsError(
                 f"{weights}: SHA-256 {actual[:12]}… is not the expected fid-helper default_1.pt "
