@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 from dpig_core.pose import RoiPadding
 
+# Field annotations (strings under postponed evaluation) whose values are checked at construction.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str}
+
 
 @dataclass(frozen=True)
 class DPIGConfig:
@@ -53,12 +56,7 @@ class DPIGConfig:
     def _problems(self) -> list[str]:
         for f in fields(self):
             value = getattr(self, f.name)
-            types: dict[str, type | tuple[type, ...]] = {
-                "int": int,
-                "float": (int, float),
-                "str": str,
-            }
-            wanted = types.get(str(f.type))
+            wanted = _FIELD_TYPES.get(str(f.type))
             if wanted is not None and (not isinstance(value, wanted) or isinstance(value, bool)):
                 return [f"{f.name} must be {f.type}, got {value!r}"]
         problems = []

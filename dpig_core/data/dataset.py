@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,6 +138,18 @@ class PersonDataset(Dataset[Sample | None]):
         if self._cache is not None:
             self._cache[index] = sample
         return sample
+
+
+def in_order_batches(dataset: PersonDataset, batch_size: int) -> Iterator[Sample]:
+    """The readable items of `dataset` in index order, `batch_size` at a time (for encoding and
+    evaluation; training draws shuffled batches instead)."""
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_skipping(
+            [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        )
+        batch.pop("skipped")
+        if batch:
+            yield batch
 
 
 def collate_skipping(items: Sequence[Sample | None]) -> Sample:

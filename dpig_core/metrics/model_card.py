@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from dpig_core.data.dataset import PersonDataset, collate_skipping
+from dpig_core.data.dataset import PersonDataset, in_order_batches
 from dpig_core.data.records import PersonRecord
 from dpig_core.generate import sample_people
 from dpig_core.metrics.fid import InceptionFeatures, Statistics, frechet_distance, statistics
@@ -30,15 +30,6 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
-def _batches(dataset: PersonDataset, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    for start in range(0, len(dataset), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate_skipping(items)
-        batch.pop("skipped")
-        if batch:
-            yield batch
-
-
 @torch.inference_mode()
 def reconstruction_quality(
     model: DPIG, records: Sequence[PersonRecord], batch_size: int = 64
@@ -47,7 +38,7 @@ def reconstruction_quality(
     dataset = PersonDataset(records, model.config)
     sums: dict[str, float] = {}
     count = 0
-    for batch in _batches(dataset, batch_size):
+    for batch in in_order_batches(dataset, batch_size):
         target = _to_uint8(batch["image"])
         generated = _to_uint8(reconstruct(model, batch))
         scores = {name: fn(generated, target) for name, fn in SSIM_VARIANTS.items()}
@@ -64,7 +55,7 @@ def reconstruction_quality(
 
 def _real_images(records: Sequence[PersonRecord], model: DPIG) -> Iterator[torch.Tensor]:
     dataset = PersonDataset(records, model.config)
-    for batch in _batches(dataset, 100):
+    for batch in in_order_batches(dataset, 100):
         yield _to_uint8(batch["image"])
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from dpig_core.data.dataset import PersonDataset, collate_skipping
+from dpig_core.data.dataset import PersonDataset, in_order_batches
+from dpig_core.generate import encode
 from dpig_core.models import DPIG
-from dpig_core.pose import normalize_rcv
 from dpig_core.train.config import MappingConfig
 from dpig_core.train.loop import (
     BatchStream,
@@ -37,21 +37,11 @@ def embedding_bank(
     values are identical, so they are computed once.
     """
     model.to(device).eval()
-    cfg = model.config
-    parts: dict[str, list[torch.Tensor]] = {"fg": [], "bg": [], "pose": []}
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_skipping(
-            [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        )
-        if "image" not in batch:
-            continue
-        b = {k: v.to(device) for k, v in batch.items()}
-        emb = model.encoder(b["image"], b["mask"], b["boxes"], b["vis"]).float()
-        parts["fg"].append(emb[:, : cfg.fg_dim].cpu())
-        if cfg.has_bg:
-            parts["bg"].append(emb[:, cfg.fg_dim :].cpu())
-        code = model.pose_ae.encode(normalize_rcv(b["rcv"], cfg.height, cfg.width))
-        parts["pose"].append(code.float().cpu())
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch in in_order_batches(dataset, batch_size):
+        codes = encode(model, {k: v.to(device) for k, v in batch.items()})
+        for factor, code in codes.items():
+            parts.setdefault(factor, []).append(code.float().cpu())
     return {k: torch.cat(v) for k, v in parts.items() if v}
 
 
