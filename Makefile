@@ -1,7 +1,7 @@
 # Everything a fresh machine needs goes through these targets (see README.md).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= dev
+EXTRAS ?= dev,service
 
 .PHONY: install test lint typecheck unit demo clean
 
