@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dpig_core.models import DPIG, factor_dims
@@ -46,15 +48,22 @@ def decode_pose(model: DPIG, code: torch.Tensor) -> torch.Tensor:
 
 
 def render(
-    model: DPIG, fg: torch.Tensor, bg: torch.Tensor | None, rcv: torch.Tensor
+    model: DPIG,
+    fg: torch.Tensor,
+    bg: torch.Tensor | None,
+    rcv: torch.Tensor,
+    decoder: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Decode an image from fg (+ bg) codes and a pose: → [B, 3, H, W] in about [−1, 1]."""
+    """Decode an image from fg (+ bg) codes and a pose: → [B, 3, H, W] in about [−1, 1].
+
+    `decoder` replaces `model.decoder` (a compiled or channels-last copy of it)."""
     cfg = model.config
-    parts = [fg, bg] if cfg.has_bg else [fg]
     if cfg.has_bg and bg is None:
         raise ValueError(f"model {cfg.name!r} needs a background code")
+    parts = [fg, bg] if cfg.has_bg and bg is not None else [fg]
     maps = pose_maps(rcv, cfg.height, cfg.width, cfg.pose_radius).to(fg.dtype)
-    out: torch.Tensor = model.decoder(torch.cat(parts, dim=1), maps)  # type: ignore[arg-type]
+    net = decoder if decoder is not None else model.decoder
+    out: torch.Tensor = net(torch.cat(parts, dim=1), maps)
     return out
 
 
