@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data, demo, model, train
+from cli import data, demo, eval, model, train
 
 app = typer.Typer(
     name="dpig",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(model.app, name="model")
 app.add_typer(data.app, name="data")
+app.add_typer(eval.app, name="eval")
 app.command("train")(train.train)
 app.command("demo")(demo.demo)
 

@@ -25,7 +25,7 @@ from dpig_core.config import DPIGConfig
 from dpig_core.data.dataset import conditioning, image_to_tensor, load_person
 from dpig_core.generate import Z_STD, decode_pose, map_z, render
 from dpig_core.models import DPIG, factor_dims
-from dpig_core.pose import FloatArray, normalize_rcv
+from dpig_core.pose import FloatArray, PoseError, normalize_rcv
 from dpig_core.weights import from_pretrained
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -232,7 +232,7 @@ class DPIGPipeline:
         return Factors(fg, bg, rcv.float(), pose)
 
     def load_people(
-        self, people: Sequence[tuple[Any, FloatArray]]
+        self, people: Sequence[tuple[Any, FloatArray | None]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(image path or PIL-readable file, keypoints in that image's pixels) per person →
         images [N, 3, H, W] in [−1, 1] and keypoints [N, 18, 3], resized to the model's frame.
@@ -240,6 +240,8 @@ class DPIGPipeline:
         cfg = self.config
         images, poses = [], []
         for source, rcv in people:
+            if rcv is None:
+                raise PoseError(f"{source}: no keypoints")
             pixels, scaled = load_person(source, np.asarray(rcv, np.float32), cfg.height, cfg.width)
             images.append(image_to_tensor(pixels))
             poses.append(torch.from_numpy(scaled))

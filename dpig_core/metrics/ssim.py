@@ -22,6 +22,7 @@ def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel(window: Window, win_size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """The 1-D taps [k] of the (separable) window."""
     if window == "uniform":
         k1 = torch.full((win_size,), 1.0 / win_size, dtype=dtype)
     else:
@@ -29,7 +30,7 @@ def _kernel(window: Window, win_size: int, sigma: float, dtype: torch.dtype) -> 
         t = torch.arange(-radius, radius + 1, dtype=dtype)
         k1 = torch.exp(-0.5 * (t / sigma) ** 2)
         k1 = k1 / k1.sum()
-    return torch.outer(k1, k1)[None, None]  # [1, 1, k, k]
+    return k1
 
 
 def ssim(
@@ -56,10 +57,12 @@ def ssim(
     b, c, h, w = x.shape
     if win_size > min(h, w):
         raise ValueError(f"SSIM window {win_size} is larger than the {h}x{w} image")
-    kernel = _kernel(window, win_size, sigma, x.dtype).to(x.device)
+    taps = _kernel(window, win_size, sigma, x.dtype).to(x.device)
+    rows, cols = taps.view(1, 1, -1, 1), taps.view(1, 1, 1, -1)  # the window is separable
 
     def local_mean(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t.reshape(b * c, 1, h, w), kernel).view(b, c, h - win_size + 1, -1)
+        flat = F.conv2d(F.conv2d(t.reshape(b * c, 1, h, w), rows), cols)
+        return flat.view(b, c, h - win_size + 1, -1)
 
     n = win_size**2
     cov_norm = n / (n - 1) if sample_covariance else 1.0

