@@ -1,0 +1,357 @@
+"""The chunk executor: the one place that turns a job's items into pixels (DESIGN §2).
+
+Celery tasks and the embedded in-process runner both call `run_chunk`, so the two modes cannot
+drift apart. Items are enumerated lazily from the spec, run through the pipeline in micro-batches,
+and written as one shard; a bad item fails alone. Between micro-batches the executor asks whether
+the job was paused or cancelled, and the chunk is committed only while its lease still holds.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.jobs import (
+    Claim,
+    Context,
+    JobError,
+    commit_chunk,
+    job_prefix,
+    job_row,
+    read_sources,
+    release_chunk,
+    resolve_model,
+)
+from service.shards import ShardWriter
+from service.specs import ImageRef, JobSpec, parse_spec
+from service.storage import parse_source_uri, storage_from_url
+
+log = logging.getLogger(__name__)
+StopCheck = Callable[[], bool]
+Progress = Callable[[int], None]
+
+
+class ItemError(Exception):
+    """One item cannot be made; it is recorded in errors.jsonl and the job goes on."""
+
+
+@dataclass
+class ChunkOutcome:
+    state: str  # "committed", "lost_lease", "stopped"
+    done: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+class PipelineCache:
+    """Pipelines by model name and weights hash: a worker loads each model once."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 32, **options: Any) -> None:
+        self.device, self.batch_size, self.options = device, batch_size, options
+        self._pipes: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+        self.load_seconds: dict[str, float] = {}
+
+    def get(self, ctx: Context, name: str, weights_sha256: str) -> Any:
+        with self._lock:
+            key = (name, weights_sha256)
+            if key not in self._pipes:
+                from dpig_core.pipeline import DPIGPipeline
+
+                info = resolve_model(ctx, name)
+                if info.weights_sha256 != weights_sha256:
+                    raise JobError(409, f"model {name!r} changed since the job was submitted")
+                started = time.perf_counter()
+                self._pipes[key] = DPIGPipeline.from_pretrained(
+                    info.path, device=self.device, batch_size=self.batch_size, **self.options
+                )
+                self.load_seconds[name] = time.perf_counter() - started
+            return self._pipes[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+
+def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
+    """The bytes of one source object (a local path, file:// or s3:// URI)."""
+    allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
+    location = parse_source_uri(uri, allowed, field=field)
+    if location.storage_url.startswith("file://"):
+        return Path(location.storage_url.removeprefix("file://"), location.prefix).read_bytes()
+    storage = storage_from_url(location.storage_url, ctx.settings)
+    return storage.get_bytes(location.prefix.rstrip("/"))
+
+
+def _decode_person(data: bytes, keypoints: Any, label: str, pipe: Any) -> tuple[Any, Any]:
+    """Image bytes + keypoints in its pixels (or None: estimated) → model-frame tensors."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = opened.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - any decoder error is this item's failure
+        raise ItemError(f"{label}: unreadable image ({exc})") from None
+    if keypoints is None:
+        keypoints = _estimate(np.asarray(image), label)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    try:
+        return pipe.load_people([(io.BytesIO(buf.getvalue()), np.asarray(keypoints, np.float32))])
+    except (ValueError, OSError) as exc:
+        raise ItemError(f"{label}: {exc}") from None
+
+
+def _estimate(pixels: Any, label: str) -> Any:
+    try:
+        from dpig_core.data.pose_estimation import PoseEstimatorUnavailable, estimate_pose
+    except ImportError:  # pragma: no cover - the module itself imports lazily
+        raise ItemError(f"{label}: no keypoints given") from None
+    try:
+        rcv = estimate_pose(pixels)
+    except PoseEstimatorUnavailable:
+        raise ItemError(
+            f"{label}: no keypoints given and no pose estimator installed (pip install "
+            "'dpig[pose]', or pass keypoints)"
+        ) from None
+    if rcv is None:
+        raise ItemError(f"{label}: no person found")
+    return rcv
+
+
+class _People:
+    """Encoded people by URI, loaded once per chunk."""
+
+    def __init__(self, ctx: Context, pipe: Any) -> None:
+        self.ctx, self.pipe = ctx, pipe
+        self._cache: dict[tuple[str, Any], Any] = {}
+
+    def get(self, ref: ImageRef) -> Any:
+        key = (ref.uri, None if ref.keypoints is None else str(ref.keypoints))
+        if key not in self._cache:
+            try:
+                data = read_uri(self.ctx, ref.uri)
+            except Exception as exc:  # noqa: BLE001 - a missing source fails its items
+                raise ItemError(f"{ref.uri}: {exc}") from None
+            images, rcv = _decode_person(data, ref.keypoints, ref.uri, self.pipe)
+            self._cache[key] = self.pipe.encode(images, rcv)
+        return self._cache[key]
+
+
+def _png(x: Any) -> bytes:
+    from dpig_core.imaging import to_uint8
+
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(x)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+# ------------------------------------------------------------------------------------------------
+# per kind: yield (item, image tensor | ItemError, meta) in item order
+
+
+def _sample(
+    ctx: Context, spec: Any, pipe: Any, items: list[int]
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    people = _People(ctx, pipe)
+    fixed = {}
+    for factor in ("fg", "bg", "pose"):
+        choice = getattr(spec, factor)
+        if choice != "sample" and factor in pipe.factors:
+            try:
+                fixed[factor] = people.get(choice)
+            except ItemError as exc:  # a bad reference fails every item
+                for item in items:
+                    yield item, exc, {"seed": spec.seed}
+                return
+    for batch in _batches(items, pipe.batch_size):
+        images = pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
+        for item, image in zip(batch, images, strict=True):
+            meta: dict[str, Any] = {"item": item, "seed": spec.seed}
+            if spec.per_identity:
+                meta["identity"] = item // spec.per_identity
+            yield item, image, meta
+
+
+def _pose_grid(
+    ctx: Context, spec: Any, pipe: Any, items: list[int], job_id: str
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    import torch
+
+    from dpig_core.data.pose_files import rescale_rcv
+
+    cfg = pipe.config
+    sources = read_sources(ctx, job_id)
+    n_poses = len(spec.poses)
+    poses = torch.stack(
+        [
+            torch.from_numpy(
+                rescale_rcv(
+                    np.asarray(p.keypoints, np.float32),
+                    (p.height, p.width),
+                    (cfg.height, cfg.width),
+                )
+            )
+            for p in spec.poses
+        ]
+    )
+    base = spec.images.rstrip("/") + "/"
+    wanted = sorted({i // n_poses for i in items})
+    encoded, errors = {}, {}
+    for s in wanted:
+        key = sources[s]
+        kp = (spec.source_keypoints or {}).get(key)
+        try:
+            encoded[s] = _People(ctx, pipe).get(ImageRef(uri=base + key, keypoints=kp))
+        except ItemError as exc:
+            errors[s] = exc
+    if encoded:
+        from dpig_core.pipeline import Factors
+
+        order = sorted(encoded)
+        row_of = {s: r for r, s in enumerate(order)}
+        stacked = Factors(
+            torch.cat([encoded[s].fg for s in order]),
+            None if encoded[order[0]].bg is None else torch.cat([encoded[s].bg for s in order]),
+            torch.cat([encoded[s].rcv for s in order]),
+        )
+    for batch in _batches(items, pipe.batch_size):
+        good = [i for i in batch if i // n_poses in encoded]
+        images = (
+            pipe.transfer(stacked, poses, pairs=[(row_of[i // n_poses], i % n_poses) for i in good])
+            if good
+            else []
+        )
+        by_item = dict(zip(good, images, strict=True))
+        for item in batch:
+            s, p = divmod(item, n_poses)
+            meta = {
+                "item": item,
+                "source": sources[s],
+                "pose": spec.poses[p].id or str(p),
+                "seed": spec.seed,
+            }
+            yield item, by_item.get(item, errors.get(s)), meta
+
+
+def _swap(
+    ctx: Context, spec: Any, pipe: Any, items: list[int]
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    people = _People(ctx, pipe)
+    for item in items:
+        row = spec.items[item]
+        meta = {"item": item, "source": row.fg.uri, "pose": row.pose.uri, "seed": spec.seed}
+        try:
+            fg, pose = people.get(row.fg), people.get(row.pose)
+            bg = people.get(row.bg) if row.bg is not None else None
+        except ItemError as exc:
+            yield item, exc, meta
+            continue
+        yield item, pipe.swap(fg, bg, pose)[0], meta
+
+
+def _interpolate(
+    ctx: Context, spec: Any, pipe: Any, items: list[int]
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    people = _People(ctx, pipe)
+    paths: dict[int, Any] = {}
+    for item in items:
+        pair, step = divmod(item, spec.steps)
+        meta = {
+            "item": item,
+            "source": spec.pairs[pair].a.uri,
+            "pose": str(step),
+            "seed": spec.seed,
+        }
+        if pair not in paths:
+            try:
+                a, b = people.get(spec.pairs[pair].a), people.get(spec.pairs[pair].b)
+                paths[pair] = pipe.interpolate(
+                    a,
+                    b,
+                    spec.steps,
+                    method=spec.method,
+                    factors=[f for f in spec.factors if f in pipe.factors],
+                )
+            except ItemError as exc:
+                paths[pair] = exc
+        result = paths[pair]
+        yield item, result if isinstance(result, ItemError) else result[step], meta
+
+
+def _items(
+    ctx: Context, spec: JobSpec, pipe: Any, items: list[int], job_id: str
+) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    if spec.kind == "sample":
+        return _sample(ctx, spec, pipe, items)
+    if spec.kind == "pose_grid":
+        return _pose_grid(ctx, spec, pipe, items, job_id)
+    if spec.kind == "swap":
+        return _swap(ctx, spec, pipe, items)
+    return _interpolate(ctx, spec, pipe, items)
+
+
+def _market_name(item: int, meta: dict[str, Any]) -> str:
+    identity = meta.get("identity", 0)
+    return f"{identity:04d}_c1s1_{item:06d}_00.png"
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def execute_chunk(
+    ctx: Context,
+    claim: Claim,
+    pipes: PipelineCache,
+    *,
+    should_stop: StopCheck = lambda: False,
+    progress: Progress = lambda _n: None,
+) -> ChunkOutcome:
+    """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
+    item's fault propagate (the caller releases the lease as a failed attempt)."""
+    started = time.perf_counter()
+    job = job_row(ctx, claim.job_id)
+    spec = parse_spec(job.spec)
+    pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
+    writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout)
+    items = list(range(claim.item_start, claim.item_stop))
+    since_check = 0
+    for item, image, meta in _items(ctx, spec, pipe, items, job.id):
+        if isinstance(image, ItemError):
+            writer.fail(item, str(image), meta)
+        else:
+            name = (
+                _market_name(item, meta)
+                if spec.layout == "files" and spec.kind == "sample" and spec.per_identity
+                else None
+            )
+            writer.add(item, _png(image), meta, name)
+        progress(1)
+        since_check += 1
+        if since_check >= pipe.batch_size:
+            since_check = 0
+            if should_stop():
+                release_chunk(ctx, claim)
+                return ChunkOutcome(
+                    "stopped", writer.done, writer.failed, time.perf_counter() - started
+                )
+    writer.write()
+    committed = commit_chunk(ctx, claim, writer.done, writer.failed)
+    return ChunkOutcome(
+        "committed" if committed else "lost_lease",
+        writer.done,
+        writer.failed,
+        time.perf_counter() - started,
+    )

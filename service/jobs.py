@@ -1,0 +1,723 @@
+"""Job logic shared by the API, the workers and the embedded CLI: submit, look up, control, and
+the chunk leases that make execution safe to retry (DESIGN §3).
+
+PostgreSQL (or SQLite in embedded mode) is the source of truth. Nothing per item is stored: a job
+is one row plus one row per chunk, and its inputs (the spec and the frozen, sorted list of source
+images) are written once to storage at submit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import case, func, insert, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db import (
+    TERMINAL_JOB_STATES,
+    Chunk,
+    ChunkState,
+    Job,
+    JobState,
+    RegisteredModel,
+    Tenant,
+    make_engine,
+    session_factory,
+    utcnow,
+)
+from service.settings import Settings
+from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
+from service.storage import Storage, StorageError, open_image_source, storage_from_url
+
+HEAD_REVISION = "0001"
+DEFAULT_TENANT = "local"
+ACTIVE_STATES = (
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.FINALIZING,
+    JobState.PAUSED,
+    JobState.CANCELLING,
+)
+
+
+class JobError(Exception):
+    """A request the job service refuses: `status` is the HTTP status the API answers with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Context:
+    """What job logic needs: settings, a session factory and the output storage. `embedded` is
+    the no-server mode, where the local user may read any local folder."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: Storage
+    embedded: bool = False
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self.sessions() as session, session.begin():
+            yield session
+
+
+def open_context(settings: Settings, *, embedded: bool = False, migrate: bool = True) -> Context:
+    """Connect to the database (bringing an embedded SQLite database to the latest schema on
+    first use) and open the output storage."""
+    engine = make_engine(settings.database_url)
+    if migrate and not _at_head(engine):
+        from service.db import upgrade_database
+
+        upgrade_database(settings.database_url)
+    return Context(
+        settings,
+        session_factory(engine),
+        storage_from_url(settings.storage_url, settings),
+        embedded,
+    )
+
+
+def _at_head(engine: Any) -> bool:
+    try:
+        with engine.connect() as conn:
+            return bool(
+                conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                == HEAD_REVISION
+            )
+    except Exception:  # noqa: BLE001 - no table yet: not migrated
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: Path
+    weights_sha256: str
+    version: str
+    config: dict[str, Any]
+
+
+def bundled_model_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "models" / "dpig-market-small-synth"
+
+
+def _model_from_folder(name: str, folder: Path) -> ModelInfo:
+    """Read a weights folder's manifest and config (plain JSON: submitting must not import
+    torch); the hashes themselves are verified when a worker loads the weights."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
+        sha = str(manifest["files"]["model.safetensors"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise JobError(422, f"model: {name!r} at {folder} is not a weights folder ({exc})") from None
+    return ModelInfo(name, folder, sha, str(manifest.get("version", "")), config)
+
+
+def resolve_model(ctx: Context, name: str) -> ModelInfo:
+    """'default' is the bundled model (or $DPIG_MODEL); other names must be registered."""
+    import os
+
+    if name == "default":
+        return _model_from_folder(name, Path(os.environ.get("DPIG_MODEL", bundled_model_dir())))
+    with ctx.session() as session:
+        row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        if row is None:
+            raise JobError(422, f"model: unknown model {name!r} (see `dpig models list`)")
+        return _model_from_folder(name, Path(row.uri.removeprefix("file://")))
+
+
+def register_model(ctx: Context, name: str, folder: Path) -> ModelInfo:
+    """Record a weights folder (verified against its manifest) under `name`."""
+    from dpig_core.weights import WeightsError, verify
+
+    if name == "default":
+        raise JobError(422, "name: 'default' is reserved for the bundled model")
+    try:
+        verify(folder)
+    except (WeightsError, OSError) as exc:
+        raise JobError(422, f"path: {exc}") from None
+    info = _model_from_folder(name, folder.resolve())
+    with ctx.session() as session:
+        row = session.scalar(select(RegisteredModel).where(RegisteredModel.name == name))
+        if row is None:
+            row = RegisteredModel(name=name)
+            session.add(row)
+        row.version, row.uri = info.version, str(info.path)
+        row.weights_sha256, row.config = info.weights_sha256, info.config
+    return info
+
+
+def list_models(ctx: Context) -> list[dict[str, Any]]:
+    out = [_model_view(resolve_model(ctx, "default"))]
+    with ctx.session() as session:
+        for row in session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)):
+            out.append(
+                {
+                    "name": row.name,
+                    "version": row.version,
+                    "path": row.uri,
+                    "weights_sha256": row.weights_sha256,
+                    "resolution": f"{row.config.get('height')}x{row.config.get('width')}",
+                }
+            )
+    return out
+
+
+def _model_view(info: ModelInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "version": info.version,
+        "path": str(info.path),
+        "weights_sha256": info.weights_sha256,
+        "resolution": f"{info.config.get('height')}x{info.config.get('width')}",
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# tenants
+
+
+def tenant_id(ctx: Context, name: str = DEFAULT_TENANT) -> int:
+    """The id of tenant `name`, created on first use (the embedded default has one tenant)."""
+    with ctx.session() as session:
+        found = session.scalar(select(Tenant.id).where(Tenant.name == name))
+        if found is not None:
+            return int(found)
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+        return int(tenant.id)
+
+
+# ------------------------------------------------------------------------------------------------
+# views
+
+
+class JobView(BaseModel):
+    """A job as the API returns it (and `--json` prints it)."""
+
+    id: str
+    kind: str
+    state: str
+    model: str
+    total_items: int
+    done_items: int
+    failed_items: int
+    running_items: int
+    images_per_second: float | None
+    eta_seconds: float | None
+    output_uri: str | None
+    error: str | None
+    queue: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+
+
+def _view(job: Job, running_items: int) -> JobView:
+    rate = eta = None
+    finished = job.done_items + job.failed_items
+    if job.started_at is not None and finished:
+        end = job.finished_at or utcnow()
+        seconds = max((end - job.started_at).total_seconds(), 1e-3)
+        rate = round(finished / seconds, 2)
+        if job.state not in TERMINAL_JOB_STATES:
+            eta = round((job.total_items - finished) / rate, 1)
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        model=job.model_name,
+        total_items=job.total_items,
+        done_items=job.done_items,
+        failed_items=job.failed_items,
+        running_items=running_items,
+        images_per_second=rate,
+        eta_seconds=eta,
+        output_uri=job.output_uri,
+        error=job.error,
+        queue=job.queue,
+        priority=job.priority,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        spec=job.spec,
+    )
+
+
+def _running_items(session: Session, job_id: str) -> int:
+    total = session.scalar(
+        select(func.coalesce(func.sum(Chunk.item_stop - Chunk.item_start), 0)).where(
+            Chunk.job_id == job_id, Chunk.state == ChunkState.RUNNING
+        )
+    )
+    return int(total or 0)
+
+
+def _job(session: Session, tenant: int, job_id: str, *, lock: bool = False) -> Job:
+    query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant)
+    if lock:
+        query = query.with_for_update()
+    job = session.scalar(query)
+    if job is None:
+        raise JobError(404, f"job {job_id} not found")
+    return job
+
+
+def get_job(ctx: Context, tenant: int, job_id: str) -> JobView:
+    with ctx.session() as session:
+        job = _job(session, tenant, job_id)
+        return _view(job, _running_items(session, job.id))
+
+
+def list_jobs(
+    ctx: Context, tenant: int, *, state: str | None = None, limit: int = 50
+) -> list[JobView]:
+    with ctx.session() as session:
+        query = select(Job).where(Job.tenant_id == tenant)
+        if state is not None:
+            query = query.where(Job.state == state)
+        jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit)).all()
+        return [_view(job, _running_items(session, job.id)) for job in jobs]
+
+
+# ------------------------------------------------------------------------------------------------
+# submit
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def _sources(ctx: Context, spec: PoseGridSpec) -> list[str]:
+    allowed = ["file:///"] if ctx.embedded else None
+    try:
+        source = open_image_source(
+            spec.images, ctx.settings, allowed_prefixes=allowed, field="images"
+        )
+        keys = source.keys()
+    except ValueError as exc:
+        raise JobError(422, str(exc)) from None
+    except StorageError as exc:
+        raise JobError(422, f"images: {exc}") from None
+    if not keys:
+        raise JobError(422, f"images: no images found at {spec.images}")
+    return keys[: spec.max_sources] if spec.max_sources else keys
+
+
+def total_items(spec: JobSpec, sources: list[str] | None) -> int:
+    if spec.kind == "sample":
+        return spec.total
+    if spec.kind == "pose_grid":
+        assert sources is not None
+        return len(sources) * len(spec.poses)
+    if spec.kind == "swap":
+        return len(spec.items)
+    return len(spec.pairs) * spec.steps
+
+
+def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
+    """Validate against the model and the quotas, freeze the inputs, and create the job and its
+    chunks. Nothing is written when the job is refused."""
+    model = resolve_model(ctx, spec.model)
+    sources = _sources(ctx, spec) if spec.kind == "pose_grid" else None
+    total = total_items(spec, sources)
+    settings = ctx.settings
+    with ctx.session() as session:
+        tenant_row = session.get(Tenant, tenant)
+        if tenant_row is None:
+            raise JobError(404, "tenant not found")
+        max_items = tenant_row.max_items_per_job or settings.max_items_per_job
+        if total > max_items:
+            raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")
+        max_active = tenant_row.max_active_jobs or settings.max_active_jobs
+        active = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant, Job.state.in_(ACTIVE_STATES))
+        )
+        if (active or 0) >= max_active:
+            raise JobError(429, f"quota: {active} active jobs, the limit is {max_active}")
+    chunk_size = spec.chunk_size or settings.chunk_size
+    job = Job(
+        tenant_id=tenant,
+        kind=spec.kind,
+        queue=spec.queue,
+        priority=spec.priority,
+        spec=spec_json(spec),
+        spec_sha256=spec_sha256(spec),
+        model_name=model.name,
+        weights_sha256=model.weights_sha256,
+        seed=spec.seed,
+        total_items=total,
+        chunk_size=chunk_size,
+    )
+    from service.db import new_id
+
+    job.id = new_id()
+    prefix = job_prefix(job.id)
+    job.output_uri = ctx.storage.root_url.rstrip("/") + "/" + prefix
+    manifest = {
+        "job_id": job.id,
+        "kind": spec.kind,
+        "spec": job.spec,
+        "spec_sha256": job.spec_sha256,
+        "model": {
+            "name": model.name,
+            "version": model.version,
+            "weights_sha256": model.weights_sha256,
+        },
+        "total_items": total,
+        "chunk_size": chunk_size,
+        "code_version": _code_version(),
+    }
+    try:
+        if sources is not None:
+            ctx.storage.put_bytes(prefix + "inputs/sources.json", json.dumps(sources).encode())
+        ctx.storage.put_bytes(prefix + "job.json", json.dumps(manifest, indent=2).encode())
+        with ctx.session() as session:
+            session.add(job)
+            session.flush()
+            session.execute(
+                insert(Chunk),
+                [
+                    {
+                        "job_id": job.id,
+                        "index": k,
+                        "item_start": start,
+                        "item_stop": min(start + chunk_size, total),
+                    }
+                    for k, start in enumerate(range(0, total, chunk_size))
+                ],
+            )
+    except Exception:
+        ctx.storage.delete_prefix(prefix)
+        raise
+    return _view(job, 0)
+
+
+def _code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dpig")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_sources(ctx: Context, job_id: str) -> list[str]:
+    data: list[str] = json.loads(ctx.storage.get_bytes(job_prefix(job_id) + "inputs/sources.json"))
+    return data
+
+
+# ------------------------------------------------------------------------------------------------
+# control
+
+
+def _set_state(
+    ctx: Context, tenant: int, job_id: str, allowed: dict[str, str], verb: str
+) -> JobView:
+    with ctx.session() as session:
+        job = _job(session, tenant, job_id, lock=True)
+        if job.state not in allowed:
+            raise JobError(409, f"cannot {verb} a job that is {job.state}")
+        job.state = allowed[job.state]
+        return _view(job, _running_items(session, job.id))
+
+
+def cancel(ctx: Context, tenant: int, job_id: str) -> JobView:
+    """Stop the job: pending chunks never run, running ones stop at their next micro-batch, and
+    the finaliser keeps every finished shard in a valid manifest."""
+    _set_state(
+        ctx,
+        tenant,
+        job_id,
+        dict.fromkeys((JobState.QUEUED, JobState.RUNNING, JobState.PAUSED), JobState.CANCELLING),
+        "cancel",
+    )
+    maybe_finalize(ctx, job_id)
+    return get_job(ctx, tenant, job_id)
+
+
+def pause(ctx: Context, tenant: int, job_id: str) -> JobView:
+    return _set_state(
+        ctx,
+        tenant,
+        job_id,
+        {JobState.QUEUED: JobState.PAUSED, JobState.RUNNING: JobState.PAUSED},
+        "pause",
+    )
+
+
+def resume(ctx: Context, tenant: int, job_id: str) -> JobView:
+    return _set_state(ctx, tenant, job_id, {JobState.PAUSED: JobState.QUEUED}, "resume")
+
+
+def retry(ctx: Context, tenant: int, job_id: str) -> JobView:
+    """Run again the chunks that hold failed items (or failed as a whole). Items that succeeded
+    before come out byte-identical, so re-running whole chunks equals re-running failed items."""
+    with ctx.session() as session:
+        job = _job(session, tenant, job_id, lock=True)
+        if job.state not in (JobState.COMPLETED, JobState.FAILED):
+            raise JobError(409, f"cannot retry a job that is {job.state}")
+        result = session.execute(
+            update(Chunk)
+            .where(
+                Chunk.job_id == job.id,
+                (Chunk.failed_items > 0) | Chunk.state.in_((ChunkState.FAILED, ChunkState.DEAD)),
+            )
+            .values(state=ChunkState.PENDING, attempts=0, last_error=None)
+        )
+        if not result.rowcount:  # type: ignore[attr-defined]
+            raise JobError(409, "the job has no failed items to retry")
+        job.state, job.finished_at, job.error = JobState.QUEUED, None, None
+    for marker in ("_SUCCESS", "_FAILED", "_CANCELLED"):
+        ctx.storage.delete_prefix(job_prefix(job_id) + marker)
+    _recount(ctx, job_id)
+    return get_job(ctx, tenant, job_id)
+
+
+def outputs(ctx: Context, tenant: int, job_id: str, expires_s: int = 3600) -> list[dict[str, str]]:
+    """Every output object of a job with a presigned (S3) or file:// URL."""
+    get_job(ctx, tenant, job_id)
+    prefix = job_prefix(job_id)
+    return [
+        {"key": key.removeprefix(prefix), "url": ctx.storage.presigned_url(key, expires_s)}
+        for key in ctx.storage.list(prefix)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# leases
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A leased chunk: only the holder of `token` may commit it."""
+
+    chunk_id: int
+    job_id: str
+    index: int
+    item_start: int
+    item_stop: int
+    token: str
+    attempt: int
+
+
+def claim_chunk(
+    ctx: Context, owner: str, *, job_id: str | None = None, chunk_id: int | None = None
+) -> Claim | None:
+    """Lease the next pending chunk of a runnable job (oldest job first), or a given chunk."""
+    now = utcnow()
+    with ctx.session() as session:
+        query = (
+            select(Chunk)
+            .join(Job)
+            .where(
+                Chunk.state == ChunkState.PENDING,
+                Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
+            )
+            .order_by(Job.priority.desc(), Job.created_at, Chunk.index)
+            .limit(1)
+        )
+        if job_id is not None:
+            query = query.where(Chunk.job_id == job_id)
+        if chunk_id is not None:
+            query = query.where(Chunk.id == chunk_id)
+        if session.bind is not None and session.bind.dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=Chunk)
+        chunk = session.scalar(query)
+        if chunk is None:
+            return None
+        chunk.state = ChunkState.RUNNING
+        chunk.attempts += 1
+        chunk.lease_owner, chunk.lease_token = owner, str(uuid.uuid4())
+        chunk.lease_expires_at = now + timedelta(seconds=ctx.settings.lease_seconds)
+        chunk.started_at = now
+        job = session.get(Job, chunk.job_id)
+        assert job is not None
+        if job.state == JobState.QUEUED:
+            job.state = JobState.RUNNING
+            job.started_at = job.started_at or now
+        return Claim(
+            chunk.id,
+            chunk.job_id,
+            chunk.index,
+            chunk.item_start,
+            chunk.item_stop,
+            chunk.lease_token,
+            chunk.attempts,
+        )
+
+
+def renew_lease(ctx: Context, claim: Claim) -> bool:
+    with ctx.session() as session:
+        result = session.execute(
+            update(Chunk)
+            .where(
+                Chunk.id == claim.chunk_id,
+                Chunk.lease_token == claim.token,
+                Chunk.state == ChunkState.RUNNING,
+            )
+            .values(lease_expires_at=utcnow() + timedelta(seconds=ctx.settings.lease_seconds))
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def commit_chunk(ctx: Context, claim: Claim, done: int, failed: int) -> bool:
+    """Mark the chunk done, only while this claim still holds its lease (so a chunk finished
+    twice commits once). Returns whether the commit happened."""
+    with ctx.session() as session:
+        result = session.execute(
+            update(Chunk)
+            .where(
+                Chunk.id == claim.chunk_id,
+                Chunk.lease_token == claim.token,
+                Chunk.state == ChunkState.RUNNING,
+            )
+            .values(
+                state=ChunkState.DONE,
+                done_items=done,
+                failed_items=failed,
+                finished_at=utcnow(),
+                lease_token=None,
+                lease_expires_at=None,
+                last_error=None,
+            )
+        )
+        committed = bool(result.rowcount)  # type: ignore[attr-defined]
+    if committed:
+        _recount(ctx, claim.job_id)
+    return committed
+
+
+def release_chunk(ctx: Context, claim: Claim, error: str | None = None) -> None:
+    """Give the lease back without committing: after an error (pending again, or dead after
+    max_attempts) or, with no error, because the job was paused or cancelled."""
+    with ctx.session() as session:
+        chunk = session.get(Chunk, claim.chunk_id, with_for_update=True)
+        if chunk is None or chunk.lease_token != claim.token:
+            return
+        job = session.get(Job, claim.job_id)
+        assert job is not None
+        chunk.lease_token = chunk.lease_owner = chunk.lease_expires_at = None
+        if error is None:
+            chunk.attempts = max(0, chunk.attempts - 1)  # an interruption is not a failed attempt
+            chunk.state = (
+                ChunkState.DEAD if job.state == JobState.CANCELLING else ChunkState.PENDING
+            )
+        else:
+            chunk.last_error = error[-2000:]
+            dead = chunk.attempts >= ctx.settings.max_attempts
+            chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
+    _recount(ctx, claim.job_id)
+
+
+def job_state(ctx: Context, job_id: str) -> str:
+    with ctx.session() as session:
+        return str(session.scalar(select(Job.state).where(Job.id == job_id)))
+
+
+def job_row(ctx: Context, job_id: str) -> Job:
+    with ctx.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobError(404, f"job {job_id} not found")
+        return job
+
+
+def _recount(ctx: Context, job_id: str) -> None:
+    with ctx.session() as session:
+        done, failed, dead_items = session.execute(
+            select(
+                func.coalesce(func.sum(Chunk.done_items), 0),
+                func.coalesce(func.sum(Chunk.failed_items), 0),
+                func.coalesce(
+                    func.sum(
+                        case(
+                            (Chunk.state == ChunkState.DEAD, Chunk.item_stop - Chunk.item_start),
+                            else_=0,
+                        )
+                    ),
+                    0,
+                ),
+            ).where(Chunk.job_id == job_id)
+        ).one()
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(done_items=int(done), failed_items=int(failed) + int(dead_items))
+        )
+
+
+def maybe_finalize(ctx: Context, job_id: str) -> bool:
+    """Finalise a job whose chunks are all terminal: write the manifest and the marker, set the
+    final state. Returns whether this call finalised it."""
+    from service.shards import finalize_outputs
+
+    with ctx.session() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state in TERMINAL_JOB_STATES or job.state == JobState.PAUSED:
+            return False
+        cancelled = job.state == JobState.CANCELLING
+        # a cancelled job's pending chunks never run; it waits only for the running ones
+        blocking = (ChunkState.RUNNING,) if cancelled else (ChunkState.PENDING, ChunkState.RUNNING)
+        open_chunks = session.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.state.in_(blocking))
+        )
+        if open_chunks:
+            return False
+        if not cancelled:
+            job.state = JobState.FINALIZING
+        chunks = session.scalars(
+            select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)
+        ).all()
+        done_chunks = [c.index for c in chunks if c.state == ChunkState.DONE]
+        dead = [(c.index, c.last_error) for c in chunks if c.state == ChunkState.DEAD]
+    summary = finalize_outputs(
+        ctx.storage, job_prefix(job_id), done_chunks, dead, cancelled=cancelled
+    )
+    with ctx.session() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        assert job is not None
+        if cancelled:
+            job.state = JobState.CANCELLED
+        elif summary["done"] == 0 and job.total_items:
+            job.state, job.error = JobState.FAILED, "every item failed (see errors.jsonl)"
+        else:
+            job.state = JobState.COMPLETED
+        job.finished_at = utcnow()
+    return True
+
+
+def wait_until(
+    ctx: Context, tenant: int, job_id: str, states: tuple[str, ...], timeout: float = 60.0
+) -> JobView:
+    """Poll until the job reaches one of `states` (tests and `--wait`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = get_job(ctx, tenant, job_id)
+        if view.state in states or time.monotonic() > deadline:
+            return view
+        time.sleep(0.2)

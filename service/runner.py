@@ -1,0 +1,43 @@
+"""The embedded default's executor loop: run a job's chunks in this process, one at a time,
+through the same lease → execute → commit path as the Celery workers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Callable
+
+from service.db import JobState
+from service.executor import PipelineCache, execute_chunk
+from service.jobs import Context, claim_chunk, job_state, maybe_finalize, release_chunk
+
+log = logging.getLogger(__name__)
+STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED)
+
+
+def run_job(
+    ctx: Context,
+    job_id: str,
+    pipes: PipelineCache,
+    *,
+    progress: Callable[[int], None] = lambda _n: None,
+) -> str:
+    """Run every runnable chunk of `job_id`, then finalise it; returns the job's state. A chunk
+    that raises is released as a failed attempt and tried again until max_attempts."""
+    owner = f"embedded-{os.uname().nodename}-{os.getpid()}"
+
+    def should_stop() -> bool:
+        return job_state(ctx, job_id) in STOP_STATES
+
+    while not should_stop():
+        claim = claim_chunk(ctx, owner, job_id=job_id)
+        if claim is None:
+            break
+        try:
+            execute_chunk(ctx, claim, pipes, should_stop=should_stop, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - recorded on the chunk, retried or dead-lettered
+            log.warning("chunk %d of job %s failed: %s", claim.index, job_id, exc)
+            release_chunk(ctx, claim, error="".join(traceback.format_exception_only(exc)).strip())
+    maybe_finalize(ctx, job_id)
+    return job_state(ctx, job_id)

@@ -1,0 +1,210 @@
+"""Job specifications: one pydantic model per job kind, discriminated by `kind` (DESIGN §3).
+
+A spec is everything needed to reproduce a job's pixels: with the model's weights hash and the
+frozen list of source images written at submit, item i always maps to the same inputs and noise.
+Validation errors name the field (pydantic's `loc`) and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+NUM_KEYPOINTS = 18
+Layout = Literal["webdataset", "files"]
+QueueName = Literal["interactive", "bulk"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_keypoints(value: list[list[float]]) -> list[list[float]]:
+    """18 rows of (row, col, visibility), finite, non-negative coordinates."""
+    if len(value) != NUM_KEYPOINTS:
+        raise ValueError(f"expected {NUM_KEYPOINTS} keypoints (COCO-18), got {len(value)}")
+    for k, point in enumerate(value):
+        if len(point) != 3:
+            raise ValueError(
+                f"keypoint {k} must be (row, col, visibility), got {len(point)} values"
+            )
+        if not all(math.isfinite(v) for v in point):
+            raise ValueError(f"keypoint {k} is not finite: {point}")
+        if point[2] > 0 and (point[0] < 0 or point[1] < 0):
+            raise ValueError(f"keypoint {k} lies outside the image: {point[:2]}")
+    return value
+
+
+Keypoints = Annotated[list[list[float]], Field(description="18 × (row, col, visible), pixels")]
+
+
+class ImageRef(_Strict):
+    """One person image: a URI (s3://bucket/key, or a local path in embedded mode) and, where
+    known, its COCO-18 keypoints in the image's own pixels. Without keypoints they are estimated
+    (needs the `pose` extra); an image where that fails fails its item only."""
+
+    uri: str = Field(min_length=1, max_length=2048)
+    keypoints: Keypoints | None = None
+
+    @field_validator("keypoints")
+    @classmethod
+    def _check(cls, value: list[list[float]] | None) -> list[list[float]] | None:
+        return None if value is None else check_keypoints(value)
+
+
+class Pose(_Strict):
+    """A target pose: 18 keypoints in a `height`×`width` frame (rescaled to the model's frame)."""
+
+    id: str = Field(default="", max_length=200)
+    keypoints: Keypoints
+    height: int = Field(gt=0, le=10_000)
+    width: int = Field(gt=0, le=10_000)
+
+    @field_validator("keypoints")
+    @classmethod
+    def _check(cls, value: list[list[float]]) -> list[list[float]]:
+        return check_keypoints(value)
+
+    @model_validator(mode="after")
+    def _in_frame(self) -> Pose:
+        for k, (r, c, v) in enumerate(self.keypoints):
+            if v > 0 and (r >= self.height or c >= self.width):
+                raise ValueError(
+                    f"keypoint {k} ({r}, {c}) lies outside the {self.height}x{self.width} frame"
+                )
+        return self
+
+
+class _Common(_Strict):
+    model: str = Field(
+        default="default",
+        min_length=1,
+        max_length=200,
+        description="Registered model name; 'default' is the bundled model.",
+    )
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+    layout: Layout = "webdataset"
+    queue: QueueName = "bulk"
+    priority: int = Field(default=0, ge=-100, le=100)
+
+
+FactorChoice = Literal["sample"] | ImageRef
+
+
+class SampleSpec(_Common):
+    """`count` new people, or `identities` × `per_identity` (one foreground per identity: the
+    Virtual Market). Each factor is sampled through Φ or fixed from a reference image."""
+
+    kind: Literal["sample"] = "sample"
+    count: int | None = Field(default=None, ge=1)
+    identities: int | None = Field(default=None, ge=1)
+    per_identity: int | None = Field(default=None, ge=1)
+    fg: FactorChoice = "sample"
+    bg: FactorChoice = "sample"
+    pose: FactorChoice = "sample"
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> SampleSpec:
+        vm = self.identities is not None or self.per_identity is not None
+        if vm and (self.identities is None or self.per_identity is None):
+            raise ValueError("identities and per_identity go together")
+        if (self.count is None) == (not vm):
+            raise ValueError("give either count, or identities and per_identity")
+        if vm and self.fg != "sample":
+            raise ValueError("fg: a Virtual Market samples one foreground per identity")
+        return self
+
+    @property
+    def total(self) -> int:
+        if self.count is not None:
+            return self.count
+        assert self.identities is not None and self.per_identity is not None
+        return self.identities * self.per_identity
+
+
+class PoseGridSpec(_Common):
+    """Every source image × every target pose; item i = (source, pose) = divmod(i, len(poses)).
+    Source keypoints: `source_keypoints` (file name → keypoints), else estimated."""
+
+    kind: Literal["pose_grid"] = "pose_grid"
+    images: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="s3://bucket/prefix/ or, in embedded mode, a local folder",
+    )
+    poses: list[Pose] = Field(min_length=1, max_length=100_000)
+    source_keypoints: dict[str, Keypoints] | None = None
+    max_sources: int | None = Field(default=None, ge=1)
+
+    @field_validator("source_keypoints")
+    @classmethod
+    def _check_sources(cls, value: dict[str, list[list[float]]] | None) -> Any:
+        for name, kp in (value or {}).items():
+            try:
+                check_keypoints(kp)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+
+class SwapItem(_Strict):
+    fg: ImageRef
+    bg: ImageRef | None = None
+    pose: ImageRef
+
+
+class SwapSpec(_Common):
+    """Recombine factors: item i takes its foreground, background and pose from three images."""
+
+    kind: Literal["swap"] = "swap"
+    items: list[SwapItem] = Field(min_length=1, max_length=10_000)
+
+
+class InterpolatePair(_Strict):
+    a: ImageRef
+    b: ImageRef
+
+
+class InterpolateSpec(_Common):
+    """`steps` images from a to b per pair; item i = (pair, step) = divmod(i, steps)."""
+
+    kind: Literal["interpolate"] = "interpolate"
+    pairs: list[InterpolatePair] = Field(min_length=1, max_length=10_000)
+    steps: int = Field(default=8, ge=2, le=1000)
+    method: Literal["linear", "slerp", "inverse"] = "linear"
+    factors: list[Literal["fg", "bg", "pose"]] = Field(default=["fg", "bg", "pose"], min_length=1)
+
+
+JobSpec = Annotated[
+    SampleSpec | PoseGridSpec | SwapSpec | InterpolateSpec, Field(discriminator="kind")
+]
+JOB_SPEC: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+KINDS = ("sample", "pose_grid", "swap", "interpolate")
+
+
+def parse_spec(data: Any) -> JobSpec:
+    """Validate a spec from JSON-like data (raises pydantic.ValidationError)."""
+    return JOB_SPEC.validate_python(data)
+
+
+def spec_json(spec: JobSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")
+
+
+def spec_sha256(spec: JobSpec) -> str:
+    canonical = json.dumps(spec_json(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def describe_errors(exc: Any) -> str:
+    """pydantic errors → 'field.path: message; ...' (one line, for the CLI and API)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in KINDS) or "spec"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
