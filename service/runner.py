@@ -39,5 +39,8 @@ def run_job(
         except Exception as exc:  # noqa: BLE001 - recorded on the chunk, retried or dead-lettered
             log.warning("chunk %d of job %s failed: %s", claim.index, job_id, exc)
             release_chunk(ctx, claim, error="".join(traceback.format_exception_only(exc)).strip())
+        except BaseException:  # Ctrl-C: hand the lease back (not a failed attempt), or the chunk
+            release_chunk(ctx, claim)  # would stay leased with no sweeper in embedded mode
+            raise
     maybe_finalize(ctx, job_id)
     return job_state(ctx, job_id)

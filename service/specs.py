@@ -12,6 +12,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 NUM_KEYPOINTS = 18
@@ -71,11 +72,13 @@ class Pose(_Strict):
 
     @model_validator(mode="after")
     def _in_frame(self) -> Pose:
-        for k, (r, c, v) in enumerate(self.keypoints):
-            if v > 0 and (r >= self.height or c >= self.width):
-                raise ValueError(
-                    f"keypoint {k} ({r}, {c}) lies outside the {self.height}x{self.width} frame"
-                )
+        points = np.asarray(self.keypoints)
+        out = (points[:, 2] > 0) & ((points[:, 0] >= self.height) | (points[:, 1] >= self.width))
+        for k in np.flatnonzero(out):
+            r, c = self.keypoints[k][:2]
+            raise ValueError(
+                f"keypoint {k} ({r}, {c}) lies outside the {self.height}x{self.width} frame"
+            )
         return self
 
 
@@ -196,9 +199,13 @@ def spec_json(spec: JobSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json")
 
 
-def spec_sha256(spec: JobSpec) -> str:
-    canonical = json.dumps(spec_json(spec), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def canonical_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def spec_sha256(spec: JobSpec | dict[str, Any]) -> str:
+    data = spec if isinstance(spec, dict) else spec_json(spec)
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
 
 
 def describe_errors(exc: Any) -> str:

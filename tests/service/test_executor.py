@@ -1,0 +1,268 @@
+"""The chunk executor and the embedded runner on SQLite + a local folder, with the bundled model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from sqlalchemy import update
+
+from service.db import Chunk, ChunkState, Job
+from service.executor import PipelineCache
+from service.jobs import Context, get_job, open_context, pause, resume, retry, submit, tenant_id
+from service.runner import run_job
+from service.settings import Settings
+from service.specs import parse_spec
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch() -> Any:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipes() -> PipelineCache:
+    return PipelineCache(batch_size=8)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Context:
+    return open_context(Settings.from_values(home=tmp_path / "home", max_attempts=2), embedded=True)
+
+
+@pytest.fixture(scope="module")
+def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    from dpig_core.data.readers import read_dataset
+    from dpig_core.data.synth import write_market_dataset
+
+    root = tmp_path_factory.mktemp("people")
+    write_market_dataset(
+        root,
+        identities=3,
+        per_identity=2,
+        height=64,
+        width=32,
+        seed=5,
+        test_fraction=0.0,
+        progress=False,
+    )
+    folder = root / "bounding_box_train"
+    keypoints = {
+        r.path.name: r.rcv.tolist()
+        for r in read_dataset(root).records
+        if r.path.parent == folder and r.rcv is not None
+    }
+    return folder, keypoints
+
+
+def _grid_spec(folder: Path, keypoints: dict[str, Any], poses: int, chunk_size: int) -> Any:
+    names = sorted(keypoints)
+    targets = [
+        {"id": f"pose{j}", "keypoints": keypoints[names[-1 - j]], "height": 64, "width": 32}
+        for j in range(poses)
+    ]
+    return parse_spec(
+        {
+            "kind": "pose_grid",
+            "images": str(folder),
+            "poses": targets,
+            "source_keypoints": keypoints,
+            "chunk_size": chunk_size,
+            "seed": 1,
+        }
+    )
+
+
+def _out(ctx: Context, job_id: str) -> Path:
+    return Path(ctx.storage.root_url.removeprefix("file://")) / "jobs" / job_id
+
+
+def _shard_bytes(ctx: Context, job_id: str) -> dict[str, str]:
+    shards = _out(ctx, job_id) / "shards"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards.iterdir())}
+
+
+def test_pose_grid_yields_every_source_in_every_pose(
+    ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]]
+) -> None:
+    import webdataset as wds
+
+    folder, keypoints = people
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, _grid_spec(folder, keypoints, poses=3, chunk_size=4))
+    sources = len(keypoints)
+    assert job.total_items == sources * 3
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (sources * 3, 0)
+    out = _out(ctx, job.id)
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["item"] for r in manifest] == list(range(sources * 3))
+    assert {(r["source"], r["pose"]) for r in manifest} == {
+        (s, f"pose{p}") for s in sorted(keypoints) for p in range(3)
+    }
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == sources * 3
+    samples = list(
+        wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False)
+    )
+    assert len(samples) == sources * 3 and len({s["__key__"] for s in samples}) == sources * 3
+    first = Image.open(io.BytesIO(samples[0]["png"]))
+    assert first.size == (32, 64)
+    assert json.loads(samples[0]["json"])["pose"] == "pose0"
+    assert (out / "_SUCCESS").is_file() and (out / "errors.jsonl").read_text() == ""
+    done = json.loads((out / "shards" / "000000.done.json").read_text())
+    tar = (out / "shards" / "000000.tar").read_bytes()
+    assert done["tar_sha256"] == hashlib.sha256(tar).hexdigest() and done["items"] == 4
+
+
+def test_rerunning_a_chunk_gives_byte_identical_output(
+    ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]]
+) -> None:
+    folder, keypoints = people
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, _grid_spec(folder, keypoints, poses=2, chunk_size=5))
+    run_job(ctx, job.id, pipes)
+    before = _shard_bytes(ctx, job.id)
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.job_id == job.id, Chunk.index == 1)
+            .values(state=ChunkState.PENDING)
+        )
+        session.execute(update(Job).where(Job.id == job.id).values(state="queued"))
+    for name in ("shards/000001.tar", "shards/000001.parquet"):
+        (_out(ctx, job.id) / name).unlink()
+    run_job(ctx, job.id, pipes)
+    assert _shard_bytes(ctx, job.id) == before
+
+
+def test_an_item_has_the_same_pixels_whatever_the_chunking(
+    ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]]
+) -> None:
+    folder, keypoints = people
+    tenant = tenant_id(ctx)
+    hashes = []
+    for chunk_size in (3, 7):
+        job = submit(ctx, tenant, _grid_spec(folder, keypoints, poses=2, chunk_size=chunk_size))
+        run_job(ctx, job.id, pipes)
+        rows = pq.read_table(_out(ctx, job.id) / "manifest.parquet").to_pylist()
+        hashes.append([r["sha256"] for r in rows])
+    assert hashes[0] == hashes[1]
+
+
+def test_a_bad_item_fails_alone_and_retry_reruns_it(
+    ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    folder, keypoints = people
+    names = sorted(keypoints)
+    good = {"uri": str(folder / names[0]), "keypoints": keypoints[names[0]]}
+    later = tmp_path / "later.jpg"
+    missing = {"uri": str(later), "keypoints": keypoints[names[1]]}
+    spec = parse_spec(
+        {
+            "kind": "swap",
+            "chunk_size": 2,
+            "items": [
+                {"fg": good, "bg": good, "pose": good},
+                {"fg": missing, "bg": good, "pose": good},
+                {"fg": good, "bg": good, "pose": good},
+            ],
+        }
+    )
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, spec)
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (2, 1)
+    errors = [
+        json.loads(line) for line in (_out(ctx, job.id) / "errors.jsonl").read_text().splitlines()
+    ]
+    assert [e["item"] for e in errors] == [1] and "later.jpg" in errors[0]["error"]
+    later.write_bytes((folder / names[1]).read_bytes())
+    retry(ctx, tenant, job.id)
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (3, 0)
+    assert (_out(ctx, job.id) / "errors.jsonl").read_text() == ""
+
+
+def test_pause_stops_between_micro_batches_and_resume_finishes(
+    ctx: Context, pipes: PipelineCache
+) -> None:
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 40, "chunk_size": 16}))
+    seen = []
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 20:  # inside the second chunk
+            pause(ctx, tenant, job.id)
+
+    assert run_job(ctx, job.id, pipes, progress=progress) == "paused"
+    view = get_job(ctx, tenant, job.id)
+    assert view.done_items == 16 and view.state == "paused"
+    resume(ctx, tenant, job.id)
+    assert run_job(ctx, job.id, pipes) == "completed"
+    rows = pq.read_table(_out(ctx, job.id) / "manifest.parquet").to_pylist()
+    assert [r["item"] for r in rows] == list(range(40))
+
+
+def test_cancel_keeps_finished_shards_in_a_valid_manifest(
+    ctx: Context, pipes: PipelineCache
+) -> None:
+    from service.jobs import cancel
+
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 48, "chunk_size": 16}))
+    seen = []
+
+    def progress(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 24:
+            cancel(ctx, tenant, job.id)
+
+    assert run_job(ctx, job.id, pipes, progress=progress) == "cancelled"
+    out = _out(ctx, job.id)
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["item"] for r in rows] == list(range(16))
+    assert (out / "_CANCELLED").is_file() and not (out / "_SUCCESS").exists()
+    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["000000.tar"]
+
+
+def test_a_chunk_that_always_fails_is_dead_lettered(
+    ctx: Context, pipes: PipelineCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import shards
+
+    real_write = shards.ShardWriter.write
+
+    def poisoned(self: shards.ShardWriter) -> dict[str, Any]:
+        if self.index == 1:
+            raise OSError("disk full")
+        return real_write(self)
+
+    monkeypatch.setattr(shards.ShardWriter, "write", poisoned)
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 12, "chunk_size": 4}))
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (8, 4)
+    with ctx.session() as session:
+        chunk = session.query(Chunk).filter_by(job_id=job.id, index=1).one()
+        assert chunk.state == ChunkState.DEAD and chunk.attempts == 2
+        assert "disk full" in (chunk.last_error or "")
+    errors = (_out(ctx, job.id) / "errors.jsonl").read_text()
+    assert '"chunk": 1' in errors and "disk full" in errors
