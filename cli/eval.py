@@ -113,8 +113,10 @@ def _write(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     save_png(folder / "contact_sheet.png", sheet)
-    report["files"] = {"report": str(folder / "report.json"),
-                       "contact_sheet": str(folder / "contact_sheet.png")}  # fmt: skip
+    report["files"] = {
+        "report": str(folder / "report.json"),
+        "contact_sheet": str(folder / "contact_sheet.png"),
+    }
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
@@ -162,8 +164,9 @@ def transfer(
     if mask not in ("target", "source"):
         fail(f"--mask must be target or source, not {mask!r}")
     pipe, eval_data, about = _setup(model, data, split, device, batch_size)
-    extras = _extras(fid=fid, is_weights=is_weights, probe=probe,
-                     lpips=(lpips_alexnet, lpips_heads))  # fmt: skip
+    extras = _extras(
+        fid=fid, is_weights=is_weights, probe=probe, lpips=(lpips_alexnet, lpips_heads)
+    )
     try:
         report, sheet = evaluate_transfer(pipe, eval_data, extras, max_pairs=pairs, mask_from=mask)
     except ValueError as exc:

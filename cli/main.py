@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import data, demo, eval, model, train
+from cli import api, data, demo, eval, jobs, model, train
 
 app = typer.Typer(
     name="dpig",
@@ -17,6 +17,9 @@ app.add_typer(data.app, name="data")
 app.add_typer(eval.app, name="eval")
 app.command("train")(train.train)
 app.command("demo")(demo.demo)
+jobs.register(app)
+app.command("api")(api.api)
+app.add_typer(api.keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

@@ -99,7 +99,7 @@ def train(
     overrides = _parse_sets(set_)
     common = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     defaults = {"stage1": Stage1Config(), "pose-ae": PoseAEConfig(), "mappings": MappingConfig()}
-    order = STAGES if stage == StageChoice.all else (stage.value,)
+    order = STAGES if stage == StageChoice.all else tuple(s for s in STAGES if s == stage.value)
     try:
         model = start_model(config, out, init, seed)
         for name in order:

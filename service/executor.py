@@ -104,7 +104,10 @@ def _decode_person(data: bytes, keypoints: Any, label: str, pipe: Any) -> tuple[
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     try:
-        return pipe.load_people([(io.BytesIO(buf.getvalue()), np.asarray(keypoints, np.float32))])
+        loaded: tuple[Any, Any] = pipe.load_people(
+            [(io.BytesIO(buf.getvalue()), np.asarray(keypoints, np.float32))]
+        )
+        return loaded
     except (ValueError, OSError) as exc:
         raise ItemError(f"{label}: {exc}") from None
 
@@ -133,16 +136,43 @@ class _People:
         self.ctx, self.pipe = ctx, pipe
         self._cache: dict[tuple[str, Any], Any] = {}
 
-    def get(self, ref: ImageRef) -> Any:
-        key = (ref.uri, None if ref.keypoints is None else str(ref.keypoints))
-        if key not in self._cache:
+    @staticmethod
+    def _key(ref: ImageRef) -> tuple[str, Any]:
+        return ref.uri, None if ref.keypoints is None else str(ref.keypoints)
+
+    def _load(self, ref: ImageRef) -> tuple[Any, Any]:
+        try:
+            data = read_uri(self.ctx, ref.uri)
+        except Exception as exc:  # noqa: BLE001 - a missing source fails its items
+            raise ItemError(f"{ref.uri}: {exc}") from None
+        return _decode_person(data, ref.keypoints, ref.uri, self.pipe)
+
+    def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:
+        """Factors (one person) or the ItemError of each ref. New people are encoded together,
+        in as few micro-batches as possible."""
+        import torch
+
+        new = {self._key(r): r for r in refs if self._key(r) not in self._cache}
+        loaded: dict[tuple[str, Any], tuple[Any, Any]] = {}
+        for key, ref in new.items():
             try:
-                data = read_uri(self.ctx, ref.uri)
-            except Exception as exc:  # noqa: BLE001 - a missing source fails its items
-                raise ItemError(f"{ref.uri}: {exc}") from None
-            images, rcv = _decode_person(data, ref.keypoints, ref.uri, self.pipe)
-            self._cache[key] = self.pipe.encode(images, rcv)
-        return self._cache[key]
+                loaded[key] = self._load(ref)
+            except ItemError as exc:
+                self._cache[key] = exc
+        if loaded:
+            keys = list(loaded)
+            factors = self.pipe.encode(
+                torch.cat([loaded[k][0] for k in keys]), torch.cat([loaded[k][1] for k in keys])
+            )
+            for row, key in enumerate(keys):
+                self._cache[key] = factors.select([row])
+        return [self._cache[self._key(r)] for r in refs]
+
+    def get(self, ref: ImageRef) -> Any:
+        found = self.get_many([ref])[0]
+        if isinstance(found, ItemError):
+            raise found
+        return found
 
 
 def _png(x: Any) -> bytes:
@@ -209,14 +239,16 @@ def _pose_grid(
     )
     base = spec.images.rstrip("/") + "/"
     wanted = sorted({i // n_poses for i in items})
+    refs = [
+        ImageRef(uri=base + sources[s], keypoints=(spec.source_keypoints or {}).get(sources[s]))
+        for s in wanted
+    ]
     encoded, errors = {}, {}
-    for s in wanted:
-        key = sources[s]
-        kp = (spec.source_keypoints or {}).get(key)
-        try:
-            encoded[s] = _People(ctx, pipe).get(ImageRef(uri=base + key, keypoints=kp))
-        except ItemError as exc:
-            errors[s] = exc
+    for s, found in zip(wanted, _People(ctx, pipe).get_many(refs), strict=True):
+        if isinstance(found, ItemError):
+            errors[s] = found
+        else:
+            encoded[s] = found
     if encoded:
         from dpig_core.pipeline import Factors
 

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel
-from sqlalchemy import case, func, select, text, update
+from sqlalchemy import Table, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import (
@@ -36,7 +36,13 @@ from service.db import (
 )
 from service.settings import Settings
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
-from service.storage import Storage, StorageError, open_image_source, storage_from_url
+from service.storage import (
+    Storage,
+    StorageError,
+    open_image_source,
+    parse_source_uri,
+    storage_from_url,
+)
 
 HEAD_REVISION = "0001"
 DEFAULT_TENANT = "local"
@@ -337,10 +343,36 @@ def total_items(spec: JobSpec, sources: list[str] | None) -> int:
     return len(spec.pairs) * spec.steps
 
 
+def _image_uris(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(field path, uri) of every image reference in a spec's JSON form."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "uri" and isinstance(value, str):
+                yield where, value
+            else:
+                yield from _image_uris(value, where)
+    elif isinstance(data, list):
+        for k, value in enumerate(data):
+            yield from _image_uris(value, f"{path}.{k}")
+
+
+def _check_image_uris(ctx: Context, spec: JobSpec) -> None:
+    """Image references (swap, interpolate, fixed factors) must lie under an allowed source
+    prefix, checked at submit so that a bad URI refuses the job instead of failing its items."""
+    allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
+    for field, uri in _image_uris(spec_json(spec)):
+        try:
+            parse_source_uri(uri, allowed, field=field)
+        except ValueError as exc:
+            raise JobError(422, str(exc)) from None
+
+
 def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     """Validate against the model and the quotas, freeze the inputs, and create the job and its
     chunks. Nothing is written when the job is refused."""
     model = resolve_model(ctx, spec.model)
+    _check_image_uris(ctx, spec)
     sources = _sources(ctx, spec) if spec.kind == "pose_grid" else None
     total = total_items(spec, sources)
     settings = ctx.settings
@@ -360,6 +392,13 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         if (active or 0) >= max_active:
             raise JobError(429, f"quota: {active} active jobs, the limit is {max_active}")
     chunk_size = spec.chunk_size or settings.chunk_size
+    chunks = -(-total // chunk_size)
+    if chunks > settings.max_chunks_per_job:
+        raise JobError(
+            422,
+            f"chunk_size: {total} items in chunks of {chunk_size} make {chunks} "
+            f"chunks; at most {settings.max_chunks_per_job} per job",
+        )
     data = spec_json(spec)
     job = Job(
         tenant_id=tenant,
@@ -402,7 +441,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
             session.add(job)
             session.flush()
             session.execute(
-                Chunk.__table__.insert(),  # Core executemany: no ORM bookkeeping per row
+                cast(Table, Chunk.__table__).insert(),  # Core executemany: no ORM bookkeeping per row
                 [
                     {
                         "job_id": job.id,
@@ -634,6 +673,26 @@ def release_chunk(ctx: Context, claim: Claim, error: str | None = None) -> None:
             dead = chunk.attempts >= ctx.settings.max_attempts
             chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
     _recount(ctx, claim.job_id)
+
+
+def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
+    """Running chunks whose lease has expired (their worker died) go back to pending, or dead
+    after max_attempts; returns how many were found."""
+    now = utcnow()
+    with ctx.session() as session:
+        query = select(Chunk).where(Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at < now)
+        if job_id is not None:
+            query = query.where(Chunk.job_id == job_id)
+        expired = session.scalars(query.with_for_update()).all()
+        for chunk in expired:
+            dead = chunk.attempts >= ctx.settings.max_attempts
+            chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
+            chunk.last_error = f"lease of {chunk.lease_owner} expired (worker lost)"
+            chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
+        jobs = {c.job_id for c in expired}
+    for job in jobs:
+        _recount(ctx, job)
+    return len(expired)
 
 
 def job_state(ctx: Context, job_id: str) -> str:

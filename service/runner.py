@@ -10,7 +10,14 @@ from collections.abc import Callable
 
 from service.db import JobState
 from service.executor import PipelineCache, execute_chunk
-from service.jobs import Context, claim_chunk, job_state, maybe_finalize, release_chunk
+from service.jobs import (
+    Context,
+    claim_chunk,
+    job_state,
+    maybe_finalize,
+    release_chunk,
+    requeue_expired,
+)
 
 log = logging.getLogger(__name__)
 STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED)
@@ -30,6 +37,7 @@ def run_job(
     def should_stop() -> bool:
         return job_state(ctx, job_id) in STOP_STATES
 
+    requeue_expired(ctx, job_id)  # a chunk left running by a process that was killed
     while not should_stop():
         claim = claim_chunk(ctx, owner, job_id=job_id)
         if claim is None:

@@ -122,6 +122,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_job: int = Field(default=10_000_000, ge=1)
     max_active_jobs: int = Field(default=100, ge=1)
+    # A chunk is a row, a shard and a task: a cap keeps one request from writing millions of them.
+    max_chunks_per_job: int = Field(default=100_000, ge=1)
 
     @field_validator("home", mode="after")
     @classmethod

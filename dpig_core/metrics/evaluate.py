@@ -230,16 +230,18 @@ def _header(pipe: DPIGPipeline, data: EvalData, kind: str) -> dict[str, Any]:
             "split": data.split,
             "images": len(data.records),
             "synthetic_ground_truth": data.synthetic,
-        },  # fmt: skip
+        },
         "device": str(pipe.device),
         "precision": pipe.precision,
     }
 
 
 def _finish(report: dict[str, Any], extras: Extras, started: float) -> dict[str, Any]:
-    report["metric_variants"] = {**SSIM_NOTES, "pose_accuracy": PROBE_NOTE,
-                                 "fid": "fid-helper Inception (TF 2015-12-05 weights), "
-                                 "nv-bilinear float resize to 299"}  # fmt: skip
+    report["metric_variants"] = {
+        **SSIM_NOTES,
+        "pose_accuracy": PROBE_NOTE,
+        "fid": "fid-helper Inception (TF 2015-12-05 weights), nv-bilinear float resize to 299",
+    }
     report["unavailable"] = dict(sorted(extras.unavailable.items()))
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
@@ -309,8 +311,10 @@ def evaluate_transfer(
         if data.factors is not None:
             facts = [data.factors[data.records[used[k]].name] for k in kept]
             # both records come from one dataset, so the target's pose is in the source's frame
-            truth = [_truth(facts[s], cfg.height, cfg.width, pose=facts[t].pose)
-                     for s, t in zip(sources, targets, strict=True)]  # fmt: skip
+            truth = [
+                _truth(facts[s], cfg.height, cfg.width, pose=facts[t].pose)
+                for s, t in zip(sources, targets, strict=True)
+            ]
             vs_truth.add(image_scores(g8, _u8(torch.stack(truth)), masks))
     generated = torch.cat(generated_all)
     report = _header(pipe, data, "transfer")
@@ -324,19 +328,25 @@ def evaluate_transfer(
     report["vs_target"] = vs_target.result()
     if data.factors is not None:
         report["vs_true_rendering"] = vs_truth.result()
-    report["pose_accuracy"] = _pose_accuracy(extras, generated / 127.5 - 1,
-                                             people.rcv[tgt_rows])  # fmt: skip
+    report["pose_accuracy"] = _pose_accuracy(extras, generated / 127.5 - 1, people.rcv[tgt_rows])
     report["fid_vs_targets"] = _fid(
-        extras, list(torch.split(generated, 100)),
+        extras,
+        list(torch.split(generated, 100)),
         statistics(iter(torch.split(torch.cat(targets_all), 100)), extras.fid)
-        if extras.fid is not None else None,
-    )  # fmt: skip
+        if extras.fid is not None
+        else None,
+    )
     if extras.lpips is not None:
         from dpig_core.metrics.lpips import lpips
 
         report["lpips_vs_target"] = round(
-            float(lpips(generated / 127.5 - 1, torch.cat(targets_all) / 127.5 - 1,
-                        extras.lpips).mean()), 4)  # fmt: skip
+            float(
+                lpips(
+                    generated / 127.5 - 1, torch.cat(targets_all) / 127.5 - 1, extras.lpips
+                ).mean()
+            ),
+            4,
+        )
     if extras.inception is not None:
         from dpig_core.metrics.inception_score import inception_score
 
@@ -386,8 +396,9 @@ def evaluate_sample(
         "seed": seed,
         "noise": "z ~ N(0, 0.2^2) per factor; pose decodes Phi_pose(z)",
     }
-    report["fid_vs_real"] = _fid(extras, list(torch.split(u8, 100)),
-                                 real_statistics(extras, data, pipe))  # fmt: skip
+    report["fid_vs_real"] = _fid(
+        extras, list(torch.split(u8, 100)), real_statistics(extras, data, pipe, limit=count)
+    )
     report["pose_accuracy"] = _pose_accuracy(extras, images, torch.cat(requested))
     if extras.inception is not None:
         from dpig_core.metrics.inception_score import inception_score
@@ -482,12 +493,16 @@ def evaluate_swap(
         truth_scores: dict[str, Any] = {}
         facts = [data.factors[r.name] for r in chosen]
         truths = {
-            "bg_swapped": [_truth(f, cfg.height, cfg.width, background=facts[j].background)
-                           for f, j in zip(facts, other, strict=True)],
-            "fg_swapped": [_truth(f, cfg.height, cfg.width, identity=facts[j].identity)
-                           for f, j in zip(facts, other, strict=True)],
+            "bg_swapped": [
+                _truth(f, cfg.height, cfg.width, background=facts[j].background)
+                for f, j in zip(facts, other, strict=True)
+            ],
+            "fg_swapped": [
+                _truth(f, cfg.height, cfg.width, identity=facts[j].identity)
+                for f, j in zip(facts, other, strict=True)
+            ],
             "reconstruction": [_truth(f, cfg.height, cfg.width) for f in facts],
-        }  # fmt: skip
+        }
         rendered["reconstruction"] = base
         for name, truth in truths.items():
             means = _Means()

@@ -266,3 +266,35 @@ def test_a_chunk_that_always_fails_is_dead_lettered(
         assert "disk full" in (chunk.last_error or "")
     errors = (_out(ctx, job.id) / "errors.jsonl").read_text()
     assert '"chunk": 1' in errors and "disk full" in errors
+
+
+def test_a_chunk_left_running_by_a_killed_process_is_run_again(
+    ctx: Context, pipes: PipelineCache
+) -> None:
+    from datetime import timedelta
+
+    from service.db import utcnow
+    from service.jobs import claim_chunk
+
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 8, "chunk_size": 4}))
+    orphan = claim_chunk(ctx, "killed-process", job_id=job.id)
+    assert orphan is not None
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.id == orphan.chunk_id)
+            .values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+    assert run_job(ctx, job.id, pipes) == "completed"
+    assert get_job(ctx, tenant, job.id).done_items == 8
+
+
+def test_too_many_chunks_are_refused_before_anything_is_written(ctx: Context) -> None:
+    from service.jobs import JobError, list_jobs
+
+    tenant = tenant_id(ctx)
+    ctx.settings.max_chunks_per_job = 10
+    with pytest.raises(JobError, match="chunk_size: 11 items in chunks of 1 make 11 chunks"):
+        submit(ctx, tenant, parse_spec({"kind": "sample", "count": 11, "chunk_size": 1}))
+    assert list_jobs(ctx, tenant) == [] and ctx.storage.list("jobs/") == []

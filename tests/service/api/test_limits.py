@@ -1,0 +1,111 @@
+"""Request body limits and per-tenant quotas: refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+
+from service.db import Tenant
+from service.jobs import Context
+from service.settings import Settings
+
+Headers = dict[str, str]
+Spec = Callable[..., dict[str, Any]]
+Written = Callable[[], tuple[int, list[str]]]
+LIMIT = 2000
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(max_body_bytes=LIMIT, max_items_per_job=100, max_active_jobs=2)
+
+
+def _big_spec(size: int) -> bytes:
+    body = {"kind": "sample", "count": 4, "model": "default" + " " * size}
+    return json.dumps(body).encode()
+
+
+def test_declared_length_over_limit_is_413(
+    client: TestClient, auth: Headers, written: Written
+) -> None:
+    raw = _big_spec(LIMIT)
+    assert len(raw) > LIMIT
+    headers = {**auth, "Content-Type": "application/json"}
+    response = client.post("/v1/jobs", headers=headers, content=raw)
+    assert response.status_code == 413
+    assert response.json()["detail"] == f"body: request body exceeds the limit of {LIMIT} bytes"
+    assert written() == (0, [])
+
+
+def test_streamed_body_over_limit_is_413(
+    client: TestClient, auth: Headers, written: Written
+) -> None:
+    raw = _big_spec(3 * LIMIT)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        for start in range(0, len(raw), 500):
+            yield raw[start : start + 500]
+
+    headers = {**auth, "Content-Type": "application/json"}
+    response = client.post("/v1/jobs", headers=headers, content=chunks())
+    assert response.status_code == 413, response.text
+    assert "exceeds the limit" in response.json()["detail"]
+    assert written() == (0, [])
+
+
+def test_body_at_limit_is_accepted(client: TestClient, auth: Headers, sample_spec: Spec) -> None:
+    raw = json.dumps(sample_spec(), indent=1).encode()
+    raw = raw[:-1] + b" " * (LIMIT - len(raw)) + b"}"
+    assert len(raw) == LIMIT
+    headers = {**auth, "Content-Type": "application/json"}
+    assert client.post("/v1/jobs", headers=headers, content=raw).status_code == 201
+
+
+def test_bad_content_length_is_400(client: TestClient, auth: Headers) -> None:
+    headers = {**auth, "Content-Type": "application/json", "Content-Length": "lots"}
+    response = client.post("/v1/jobs", headers=headers, content=b"{}")
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("Content-Length")
+
+
+def test_items_per_job_quota(
+    client: TestClient, auth: Headers, written: Written, sample_spec: Spec
+) -> None:
+    response = client.post("/v1/jobs", headers=auth, json=sample_spec(count=101))
+    assert response.status_code == 422
+    assert response.json()["detail"] == "total_items: 101 items exceed the quota of 100"
+    assert written() == (0, [])
+    assert client.post("/v1/jobs", headers=auth, json=sample_spec(count=100)).status_code == 201
+
+
+def test_tenant_quota_overrides_settings(
+    client: TestClient, ctx: Context, auth: Headers, written: Written, sample_spec: Spec
+) -> None:
+    with ctx.session() as session:
+        session.execute(update(Tenant).values(max_items_per_job=3, max_active_jobs=5))
+    response = client.post("/v1/jobs", headers=auth, json=sample_spec(count=4))
+    assert response.status_code == 422
+    assert "quota of 3" in response.json()["detail"]
+    assert written() == (0, [])
+    for _ in range(3):  # the tenant's own limit of 5 active jobs, not the settings' 2
+        assert client.post("/v1/jobs", headers=auth, json=sample_spec(count=3)).status_code == 201
+
+
+def test_active_jobs_quota(
+    client: TestClient, auth: Headers, written: Written, sample_spec: Spec
+) -> None:
+    first = client.post("/v1/jobs", headers=auth, json=sample_spec()).json()
+    client.post("/v1/jobs", headers=auth, json=sample_spec())
+    before = written()
+    response = client.post("/v1/jobs", headers=auth, json=sample_spec())
+    assert response.status_code == 429
+    assert response.json()["detail"] == "quota: 2 active jobs, the limit is 2"
+    assert written() == before
+    # a finished (cancelled) job no longer counts
+    assert client.post(f"/v1/jobs/{first['id']}:cancel", headers=auth).status_code == 200
+    assert client.post("/v1/jobs", headers=auth, json=sample_spec()).status_code == 201
