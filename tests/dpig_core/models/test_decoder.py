@@ -76,7 +76,7 @@ def test_input_conv_fast_equals_plain_float32() -> None:
     embedding, maps = decoder_inputs()
     plain, fast = both_paths(dec, "input_conv", embedding, maps)
     assert plain.shape == fast.shape == (2, TINY.hidden, TINY.height, TINY.width)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)  # fp32 sums of ~100 terms
     diff = fast - plain
     for border in (diff[..., 0, :], diff[..., -1, :], diff[..., :, 0], diff[..., :, -1]):
         assert border.abs().max() < 1e-5
@@ -102,7 +102,7 @@ def test_decoder_fast_equals_plain_float32() -> None:
     embedding, maps = decoder_inputs()
     plain, fast = both_paths(dec, "forward", embedding, maps)
     assert fast.shape == (2, 3, TINY.height, TINY.width)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)  # fp32 sums of ~100 terms
 
 
 def test_decoder_fast_equals_plain_float64() -> None:
