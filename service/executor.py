@@ -379,7 +379,9 @@ def execute_chunk(
                 return ChunkOutcome(
                     "stopped", writer.done, writer.failed, time.perf_counter() - started
                 )
-    writer.write()
+    writer.write(
+        {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
+    )
     committed = commit_chunk(ctx, claim, writer.done, writer.failed)
     return ChunkOutcome(
         "committed" if committed else "lost_lease",

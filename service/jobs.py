@@ -441,7 +441,9 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
             session.add(job)
             session.flush()
             session.execute(
-                cast(Table, Chunk.__table__).insert(),  # Core executemany: no ORM bookkeeping per row
+                cast(
+                    Table, Chunk.__table__
+                ).insert(),  # Core executemany: no ORM bookkeeping per row
                 [
                     {
                         "job_id": job.id,

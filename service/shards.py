@@ -112,10 +112,13 @@ class ShardWriter:
     def failed(self) -> int:
         return len(self.rows) - self.done
 
-    def write(self) -> dict[str, Any]:
-        """Upload the shard, then its commit marker (last, so a marker means a whole shard)."""
+    def write(self, made_with: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the shard, then its commit marker (last, so a marker means a whole shard).
+        `made_with` (device, precision, micro-batch size) goes into the marker: the pixels are
+        reproducible for the same three."""
         name = shard_name(self.index)
         marker: dict[str, Any] = {
+            "made_with": made_with or {},
             "chunk": self.index,
             "items": len(self.rows),
             "done": self.done,

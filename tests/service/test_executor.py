@@ -249,10 +249,10 @@ def test_a_chunk_that_always_fails_is_dead_lettered(
 
     real_write = shards.ShardWriter.write
 
-    def poisoned(self: shards.ShardWriter) -> dict[str, Any]:
+    def poisoned(self: shards.ShardWriter, made_with: Any = None) -> dict[str, Any]:
         if self.index == 1:
             raise OSError("disk full")
-        return real_write(self)
+        return real_write(self, made_with)
 
     monkeypatch.setattr(shards.ShardWriter, "write", poisoned)
     tenant = tenant_id(ctx)
