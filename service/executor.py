@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from service import metrics
 from service.jobs import (
     Claim,
     Context,
@@ -29,6 +31,7 @@ from service.jobs import (
     job_row,
     read_sources,
     release_chunk,
+    renew_lease,
     resolve_model,
 )
 from service.shards import ShardWriter
@@ -38,6 +41,19 @@ from service.storage import parse_source_uri, storage_from_url
 log = logging.getLogger(__name__)
 StopCheck = Callable[[], bool]
 Progress = Callable[[int], None]
+
+
+@contextmanager
+def _stage(name: str, rows: int | None = None) -> Iterator[None]:
+    """Add the block's time to dpig_stage_seconds_total{stage}; with `rows`, it is a micro-batch
+    of the model (batch size and duration histograms)."""
+    started = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - started
+    metrics.STAGE_SECONDS.labels(name).inc(seconds)
+    if rows is not None:
+        metrics.BATCH_SIZE.observe(rows)
+        metrics.BATCH_DURATION.observe(seconds)
 
 
 class ItemError(Exception):
@@ -75,6 +91,7 @@ class PipelineCache:
                     info.path, device=self.device, batch_size=self.batch_size, **self.options
                 )
                 self.load_seconds[name] = time.perf_counter() - started
+                metrics.MODEL_LOAD.observe(self.load_seconds[name])
             return self._pipes[key]
 
 
@@ -156,14 +173,16 @@ class _People:
         loaded: dict[tuple[str, Any], tuple[Any, Any]] = {}
         for key, ref in new.items():
             try:
-                loaded[key] = self._load(ref)
+                with _stage("load"):
+                    loaded[key] = self._load(ref)
             except ItemError as exc:
                 self._cache[key] = exc
         if loaded:
             keys = list(loaded)
-            factors = self.pipe.encode(
-                torch.cat([loaded[k][0] for k in keys]), torch.cat([loaded[k][1] for k in keys])
-            )
+            images = torch.cat([loaded[k][0] for k in keys])
+            rcv = torch.cat([loaded[k][1] for k in keys])
+            with _stage("encode", len(keys)):
+                factors = self.pipe.encode(images, rcv)
             for row, key in enumerate(keys):
                 self._cache[key] = factors.select([row])
         return [self._cache[self._key(r)] for r in refs]
@@ -207,7 +226,8 @@ def _sample(
                     yield item, exc, {"seed": spec.seed}
                 return
     for batch in _batches(items, pipe.batch_size):
-        images = pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
+        with _stage("infer", len(batch)):
+            images = pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
         for item, image in zip(batch, images, strict=True):
             meta: dict[str, Any] = {"item": item, "seed": spec.seed}
             if spec.per_identity:
@@ -262,7 +282,7 @@ def _pose_grid(
     for batch in _batches(items, pipe.batch_size):
         good = [i for i in batch if i // n_poses in encoded]
         images = (
-            pipe.transfer(stacked, poses, pairs=[(row_of[i // n_poses], i % n_poses) for i in good])
+            _transfer(pipe, stacked, poses, [(row_of[i // n_poses], i % n_poses) for i in good])
             if good
             else []
         )
@@ -278,6 +298,11 @@ def _pose_grid(
             yield item, by_item.get(item, errors.get(s)), meta
 
 
+def _transfer(pipe: Any, sources: Any, poses: Any, pairs: list[tuple[int, int]]) -> Any:
+    with _stage("infer", len(pairs)):
+        return pipe.transfer(sources, poses, pairs=pairs)
+
+
 def _swap(
     ctx: Context, spec: Any, pipe: Any, items: list[int]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
@@ -291,7 +316,9 @@ def _swap(
         except ItemError as exc:
             yield item, exc, meta
             continue
-        yield item, pipe.swap(fg, bg, pose)[0], meta
+        with _stage("infer", 1):
+            image = pipe.swap(fg, bg, pose)[0]
+        yield item, image, meta
 
 
 def _interpolate(
@@ -310,13 +337,14 @@ def _interpolate(
         if pair not in paths:
             try:
                 a, b = people.get(spec.pairs[pair].a), people.get(spec.pairs[pair].b)
-                paths[pair] = pipe.interpolate(
-                    a,
-                    b,
-                    spec.steps,
-                    method=spec.method,
-                    factors=[f for f in spec.factors if f in pipe.factors],
-                )
+                with _stage("infer", spec.steps):
+                    paths[pair] = pipe.interpolate(
+                        a,
+                        b,
+                        spec.steps,
+                        method=spec.method,
+                        factors=[f for f in spec.factors if f in pipe.factors],
+                    )
             except ItemError as exc:
                 paths[pair] = exc
         result = paths[pair]
@@ -352,40 +380,56 @@ def execute_chunk(
     progress: Progress = lambda _n: None,
 ) -> ChunkOutcome:
     """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
-    item's fault propagate (the caller releases the lease as a failed attempt)."""
+    item's fault propagate (the caller releases the lease as a failed attempt).
+
+    Between micro-batches: stop (lease handed back, no commit) when `should_stop()` says so, and
+    renew the lease once a third of it has passed, so a long chunk is not taken for a lost one.
+    """
     started = time.perf_counter()
     job = job_row(ctx, claim.job_id)
     spec = parse_spec(job.spec)
-    pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
+    with _stage("load"):
+        pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
     writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout)
     items = list(range(claim.item_start, claim.item_stop))
+    renew_every = ctx.settings.lease_seconds / 3
+    renewed = time.monotonic()
     since_check = 0
+
+    def outcome(state: str) -> ChunkOutcome:
+        seconds = time.perf_counter() - started
+        metrics.CHUNK_ATTEMPTS.labels(state).inc()
+        return ChunkOutcome(state, writer.done, writer.failed, seconds)
+
     for item, image, meta in _items(ctx, spec, pipe, items, job.id):
-        if isinstance(image, ItemError):
-            writer.fail(item, str(image), meta)
-        else:
-            name = (
-                _market_name(item, meta)
-                if spec.layout == "files" and spec.kind == "sample" and spec.per_identity
-                else None
-            )
-            writer.add(item, _png(image), meta, name)
+        with _stage("upload"):  # PNG encoding and shard assembly
+            if isinstance(image, ItemError):
+                writer.fail(item, str(image), meta)
+                metrics.ITEMS_FAILED.labels(metrics.failure_reason(str(image))).inc()
+            else:
+                name = (
+                    _market_name(item, meta)
+                    if spec.layout == "files" and spec.kind == "sample" and spec.per_identity
+                    else None
+                )
+                writer.add(item, _png(image), meta, name)
         progress(1)
         since_check += 1
         if since_check >= pipe.batch_size:
             since_check = 0
             if should_stop():
                 release_chunk(ctx, claim)
-                return ChunkOutcome(
-                    "stopped", writer.done, writer.failed, time.perf_counter() - started
-                )
-    writer.write(
-        {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
-    )
-    committed = commit_chunk(ctx, claim, writer.done, writer.failed)
-    return ChunkOutcome(
-        "committed" if committed else "lost_lease",
-        writer.done,
-        writer.failed,
-        time.perf_counter() - started,
-    )
+                return outcome("stopped")
+            if time.monotonic() - renewed > renew_every:
+                if not renew_lease(ctx, claim):
+                    return outcome("lost_lease")  # someone else owns the chunk now
+                renewed = time.monotonic()
+    with _stage("upload"):
+        writer.write(
+            {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
+        )
+    if not commit_chunk(ctx, claim, writer.done, writer.failed):
+        return outcome("lost_lease")
+    metrics.IMAGES_GENERATED.inc(writer.done)
+    metrics.CHUNK_DURATION.observe(time.perf_counter() - started)
+    return outcome("committed")

@@ -566,6 +566,7 @@ class Claim:
     item_stop: int
     token: str
     attempt: int
+    published_at: datetime | None = None
 
 
 def claim_chunk(
@@ -611,6 +612,7 @@ def claim_chunk(
             chunk.item_stop,
             chunk.lease_token,
             chunk.attempts,
+            chunk.published_at,
         )
 
 
@@ -665,6 +667,7 @@ def release_chunk(ctx: Context, claim: Claim, error: str | None = None) -> None:
         job = session.get(Job, claim.job_id)
         assert job is not None
         chunk.lease_token = chunk.lease_owner = chunk.lease_expires_at = None
+        chunk.published_at = None  # the dispatcher publishes it again
         if error is None:
             chunk.attempts = max(0, chunk.attempts - 1)  # an interruption is not a failed attempt
             chunk.state = (
@@ -689,6 +692,7 @@ def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
         for chunk in expired:
             dead = chunk.attempts >= ctx.settings.max_attempts
             chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
+            chunk.published_at = None
             chunk.last_error = f"lease of {chunk.lease_owner} expired (worker lost)"
             chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
         jobs = {c.job_id for c in expired}

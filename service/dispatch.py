@@ -1,0 +1,176 @@
+"""The dispatcher (DESIGN §3): PostgreSQL decides what runs next, Celery only carries chunk ids.
+
+One `tick` does, in order:
+1. sweep: running chunks whose lease expired go back to pending (dead after max_attempts);
+2. re-publish: pending chunks published more than `republish_after_s` ago whose message was
+   evidently lost (a Redis flush or restart) are published again; a duplicate is harmless because
+   a task only runs a chunk it can lease;
+3. publish just in time: per queue, up to `max_in_flight` chunks published-or-running, chosen by
+   priority and then round-robin across tenants (a window function in SQL), oldest job first;
+4. finalise jobs whose chunks are all terminal, and refresh the gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+
+from service import metrics
+from service.db import Chunk, ChunkState, Job, JobState, Queue, utcnow
+from service.jobs import Context, maybe_finalize, requeue_expired
+
+log = logging.getLogger(__name__)
+Publish = Callable[[int, str], None]  # (chunk id, queue) → send the message
+RUNNABLE = (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass
+class DispatchConfig:
+    max_in_flight: dict[str, int] = field(
+        default_factory=lambda: {Queue.INTERACTIVE: 4, Queue.BULK: 8}
+    )
+    republish_after_s: float = 120.0
+
+
+@dataclass
+class TickReport:
+    expired: int = 0
+    republished: int = 0
+    published: dict[str, int] = field(default_factory=dict)
+    finalized: int = 0
+
+
+def _in_flight(ctx: Context, queue: str) -> int:
+    with ctx.session() as session:
+        count = session.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .join(Job)
+            .where(
+                Job.queue == queue,
+                or_(
+                    Chunk.state == ChunkState.RUNNING,
+                    and_(Chunk.state == ChunkState.PENDING, Chunk.published_at.is_not(None)),
+                ),
+            )
+        )
+        return int(count or 0)
+
+
+def next_chunks(ctx: Context, queue: str, limit: int) -> list[int]:
+    """Unpublished pending chunks of runnable jobs in `queue`: highest priority first, then one
+    chunk per tenant in turn (a tenant's k-th chunk waits for every tenant's (k−1)-th), oldest job
+    and lowest chunk index first within a tenant."""
+    if limit <= 0:
+        return []
+    turn = func.row_number().over(
+        partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Chunk.index)
+    )
+    ranked = (
+        select(Chunk.id.label("chunk_id"), Job.priority, Job.created_at, Chunk.index,
+               turn.label("turn"))
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Job.queue == queue, Job.state.in_(RUNNABLE), Chunk.state == ChunkState.PENDING,
+               Chunk.published_at.is_(None))
+        .subquery()
+    )  # fmt: skip
+    query = (
+        select(ranked.c.chunk_id)
+        .order_by(ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.index)
+        .limit(limit)
+    )
+    with ctx.session() as session:
+        return [int(row) for row in session.scalars(query)]
+
+
+def _mark_published(ctx: Context, chunk_ids: list[int], when: Any) -> None:
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.id.in_(chunk_ids), Chunk.state == ChunkState.PENDING)
+            .values(published_at=when)
+        )
+
+
+def _publish(ctx: Context, chunk_ids: list[int], queue: str, publish: Publish) -> int:
+    """Mark first, then send: a crash in between leaves a marked chunk with no message, which the
+    re-publish step recovers; a send that fails is unmarked at once."""
+    if not chunk_ids:
+        return 0
+    _mark_published(ctx, chunk_ids, utcnow())
+    sent = 0
+    for chunk_id in chunk_ids:
+        try:
+            publish(chunk_id, queue)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - the broker is down: try again next tick
+            log.warning("publishing chunk %d to %s failed: %s", chunk_id, queue, exc)
+            _mark_published(ctx, chunk_ids[sent:], None)
+            break
+    return sent
+
+
+def republish_lost(ctx: Context, publish: Publish, older_than_s: float) -> int:
+    """Pending chunks whose message went out more than `older_than_s` ago and never started."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    with ctx.session() as session:
+        rows = session.execute(
+            select(Chunk.id, Job.queue)
+            .join(Job)
+            .where(Chunk.state == ChunkState.PENDING, Chunk.published_at < cutoff,
+                   Job.state.in_(RUNNABLE))
+        ).all()  # fmt: skip
+    by_queue: dict[str, list[int]] = {}
+    for chunk_id, queue in rows:
+        by_queue.setdefault(queue, []).append(int(chunk_id))
+    return sum(_publish(ctx, ids, queue, publish) for queue, ids in by_queue.items())
+
+
+def finalize_ready(ctx: Context) -> int:
+    """Finalise every job that has no pending or running chunk left (or, when cancelling, no
+    running chunk)."""
+    with ctx.session() as session:
+        candidates = session.scalars(
+            select(Job.id).where(
+                Job.state.in_((JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING))
+            )
+        ).all()
+    return sum(maybe_finalize(ctx, job_id) for job_id in candidates)
+
+
+def refresh_gauges(ctx: Context) -> None:
+    """dpig_work_items_outstanding{queue,state} and dpig_jobs{state} from the database."""
+    with ctx.session() as session:
+        rows = session.execute(
+            select(Job.queue, Chunk.state, func.sum(Chunk.item_stop - Chunk.item_start))
+            .join(Job)
+            .where(Chunk.state.in_((ChunkState.PENDING, ChunkState.RUNNING)),
+                   Job.state.in_(RUNNABLE))
+            .group_by(Job.queue, Chunk.state)
+        ).all()  # fmt: skip
+        jobs = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    outstanding = {(q, s): int(n or 0) for q, s, n in rows}
+    for queue in Queue:
+        for state in (ChunkState.PENDING, ChunkState.RUNNING):
+            metrics.OUTSTANDING.labels(queue.value, state.value).set(
+                outstanding.get((queue.value, state.value), 0)
+            )
+    for job_state in JobState:
+        metrics.JOBS.labels(job_state.value).set(int(jobs.get(job_state.value, 0)))
+
+
+def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
+    report = TickReport()
+    report.expired = requeue_expired(ctx)
+    report.republished = republish_lost(ctx, publish, config.republish_after_s)
+    for queue, bound in config.max_in_flight.items():
+        free = bound - _in_flight(ctx, queue)
+        report.published[queue] = _publish(ctx, next_chunks(ctx, queue, free), queue, publish)
+    report.finalized = finalize_ready(ctx)
+    refresh_gauges(ctx)
+    return report
