@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import api, data, demo, eval, jobs, model, train
+from cli import api, data, demo, eval, jobs, model, train, worker
 
 app = typer.Typer(
     name="dpig",
@@ -20,6 +20,8 @@ app.command("demo")(demo.demo)
 jobs.register(app)
 app.command("api")(api.api)
 app.add_typer(api.keys_app, name="keys")
+app.command("worker")(worker.worker)
+app.command("dispatcher")(worker.dispatcher)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,100 @@
+"""Thin Celery tasks: a chunk id in, the chunk executor called (DESIGN §2).
+
+The model is loaded lazily in the worker child process, never in the parent: prefork after torch
+has run in the parent deadlocks (env-notes). A SIGTERM to the worker (Kubernetes scale-down, a
+deploy) writes a stop file; the running chunk sees it between micro-batches and hands its lease
+back, so another worker takes the chunk over at once instead of after the lease expires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_shutting_down
+
+from service import metrics
+from service.db import utcnow
+from service.jobs import (
+    Context,
+    claim_chunk,
+    job_state,
+    maybe_finalize,
+    open_context,
+    release_chunk,
+)
+from service.settings import get_settings
+from workers.celery_app import app
+
+log = logging.getLogger(__name__)
+STOP_FILE = Path(
+    os.environ.get(
+        "DPIG_WORKER_STOP_FILE", Path(tempfile.gettempdir()) / f"dpig-worker-{os.getpid()}.stop"
+    )
+)
+_state: dict[str, Any] = {}
+
+
+def _worker() -> tuple[Context, Any]:
+    if "ctx" not in _state:
+        import torch
+
+        from service.executor import PipelineCache
+
+        torch.set_num_threads(int(os.environ.get("DPIG_TORCH_THREADS", "1")))
+        device = os.environ.get("DPIG_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+        batch = int(os.environ.get("DPIG_BATCH_SIZE", "256" if device == "cuda" else "32"))
+        options: dict[str, Any] = {}
+        if os.environ.get("DPIG_PRECISION"):
+            options["precision"] = os.environ["DPIG_PRECISION"]
+        _state["ctx"] = open_context(get_settings(), migrate=False)
+        _state["pipes"] = PipelineCache(device=device, batch_size=batch, **options)
+        _state["owner"] = f"{socket.gethostname()}-{os.getpid()}"
+    return _state["ctx"], _state["pipes"]
+
+
+@worker_process_init.connect
+def _child_started(**_: Any) -> None:
+    metrics.touch_labels()
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_: Any) -> None:
+    STOP_FILE.touch()
+
+
+@app.task(name="dpig.run_chunk", acks_late=True, reject_on_worker_lost=True)
+def run_chunk(chunk_id: int) -> str:
+    """Lease the chunk (a duplicate or stale message finds nothing to lease and returns), run it,
+    and finalise its job if it was the last one."""
+    from service.executor import execute_chunk
+
+    ctx, pipes = _worker()
+    claim = claim_chunk(ctx, _state["owner"], chunk_id=chunk_id)
+    if claim is None:
+        return "skipped"
+    if claim.published_at is not None:
+        metrics.QUEUE_WAIT.observe(max(0.0, (utcnow() - claim.published_at).total_seconds()))
+
+    def should_stop() -> bool:
+        return STOP_FILE.exists() or job_state(ctx, claim.job_id) in ("paused", "cancelling")
+
+    try:
+        outcome = execute_chunk(ctx, claim, pipes, should_stop=should_stop)
+    except SoftTimeLimitExceeded:
+        release_chunk(ctx, claim, error="chunk exceeded the soft time limit")
+        metrics.CHUNK_ATTEMPTS.labels("failed").inc()
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - recorded on the chunk; the dispatcher retries it
+        log.warning("chunk %d failed: %s", chunk_id, exc)
+        release_chunk(ctx, claim, error="".join(traceback.format_exception_only(exc)).strip())
+        metrics.CHUNK_ATTEMPTS.labels("failed").inc()
+        return "failed"
+    maybe_finalize(ctx, claim.job_id)
+    return outcome.state
