@@ -70,7 +70,7 @@ def main() -> None:
                 "format": "dpig-poses/1",
                 "height": 64,
                 "width": 32,
-                "poses": [{"id": p["id"], "keypoints": p["keypoints"]} for p in poses],
+                "poses": [{"id": p["id"], "rcv": p["keypoints"]} for p in poses],
             }
         )
     )
@@ -96,7 +96,7 @@ def main() -> None:
                 "format": "dpig-poses/1",
                 "height": 64,
                 "width": 32,
-                "poses": [{"id": k, "keypoints": v} for k, v in keypoints.items()],
+                "poses": [{"id": k, "rcv": v} for k, v in keypoints.items()],
             }
         )
     )
