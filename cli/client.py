@@ -182,13 +182,13 @@ class EmbeddedClient:
 
         with _job_errors():
             info = jobs.resolve_model(self.ctx, name)
-        return _model_dict(info)
+        return jobs.model_view(info, with_config=True)
 
     def register_model(self, name: str, folder: Path) -> dict[str, Any]:
         from service import jobs
 
         with _job_errors():
-            return _model_dict(jobs.register_model(self.ctx, name, folder))
+            return jobs.model_view(jobs.register_model(self.ctx, name, folder), with_config=True)
 
     def can_run(self, job: dict[str, Any]) -> bool:
         """Whether this process should run the job: nobody else does (no broker, no chunk
@@ -224,17 +224,6 @@ class EmbeddedClient:
 
     def close(self) -> None:
         self._pipes = None
-
-
-def _model_dict(info: Any) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "version": info.version,
-        "path": str(info.path),
-        "weights_sha256": info.weights_sha256,
-        "resolution": f"{info.config.get('height')}x{info.config.get('width')}",
-        "config": info.config,
-    }
 
 
 def _fetch_file_url(url: str, target: Path) -> int:

@@ -173,29 +173,24 @@ def register_model(ctx: Context, name: str, folder: Path) -> ModelInfo:
 
 
 def list_models(ctx: Context) -> list[dict[str, Any]]:
-    out = [_model_view(resolve_model(ctx, "default"))]
+    """The bundled default, then every registered model by name."""
+    out = [model_view(resolve_model(ctx, "default"))]
     with ctx.session() as session:
         for row in session.scalars(select(RegisteredModel).order_by(RegisteredModel.name)):
-            out.append(
-                {
-                    "name": row.name,
-                    "version": row.version,
-                    "path": row.uri,
-                    "weights_sha256": row.weights_sha256,
-                    "resolution": f"{row.config.get('height')}x{row.config.get('width')}",
-                }
-            )
+            info = ModelInfo(row.name, Path(row.uri), row.weights_sha256, row.version, row.config)
+            out.append(model_view(info))
     return out
 
 
-def _model_view(info: ModelInfo) -> dict[str, Any]:
-    return {
+def model_view(info: ModelInfo, *, with_config: bool = False) -> dict[str, Any]:
+    view = {
         "name": info.name,
         "version": info.version,
         "path": str(info.path),
         "weights_sha256": info.weights_sha256,
         "resolution": f"{info.config.get('height')}x{info.config.get('width')}",
     }
+    return view | ({"config": info.config} if with_config else {})
 
 
 # ------------------------------------------------------------------------------------------------
