@@ -6,7 +6,9 @@ One `tick` does, in order:
    evidently lost (a Redis flush or restart) are published again; a duplicate is harmless because
    a task only runs a chunk it can lease;
 3. publish just in time: per queue, up to `max_in_flight` chunks published-or-running, chosen by
-   priority and then round-robin across tenants (a window function in SQL), oldest job first;
+   priority and then round-robin across tenants (a window function in SQL), oldest job first; a
+   chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
+   dependency (S3, say) does not burn through its attempts in seconds;
 4. finalise jobs whose chunks are all terminal, and refresh the gauges.
 """
 
@@ -15,10 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 
 from service import metrics
 from service.db import Chunk, ChunkState, Job, JobState, Queue, utcnow
@@ -35,6 +37,10 @@ class DispatchConfig:
         default_factory=lambda: {Queue.INTERACTIVE: 4, Queue.BULK: 8}
     )
     republish_after_s: float = 120.0
+    # a chunk whose last attempt failed is published again no sooner than retry_backoff_s ×
+    # 2^(attempts − 1), at most retry_backoff_max_s, after that attempt started (0: at once)
+    retry_backoff_s: float = 0.0
+    retry_backoff_max_s: float = 300.0
 
 
 @dataclass
@@ -55,19 +61,49 @@ def _in_flight(ctx: Context, queue: str) -> int:
                 Job.queue == queue,
                 or_(
                     Chunk.state == ChunkState.RUNNING,
-                    and_(Chunk.state == ChunkState.PENDING, Chunk.published_at.is_not(None)),
+                    # a paused or cancelled job's unstarted messages are skipped by the workers:
+                    # they must not hold the queue's slots
+                    and_(
+                        Chunk.state == ChunkState.PENDING,
+                        Chunk.published_at.is_not(None),
+                        Job.state.in_(RUNNABLE),
+                    ),
                 ),
             )
         )
         return int(count or 0)
 
 
-def next_chunks(ctx: Context, queue: str, limit: int) -> list[int]:
+def retry_due(now: datetime, backoff_s: float, max_s: float) -> ColumnElement[bool]:
+    """Chunks that never failed, or whose last failed attempt started at least
+    backoff_s × 2^(attempts − 1) (capped at max_s) before `now`."""
+    if backoff_s <= 0:
+        return true()
+    waits, attempts, delay = [], 1, backoff_s
+    while delay < max_s:
+        cutoff = now - timedelta(seconds=delay)
+        waits.append(and_(Chunk.attempts == attempts, Chunk.started_at <= cutoff))
+        attempts, delay = attempts + 1, delay * 2
+    waits.append(
+        and_(Chunk.attempts >= attempts, Chunk.started_at <= now - timedelta(seconds=max_s))
+    )
+    return or_(Chunk.attempts == 0, Chunk.last_error.is_(None), Chunk.started_at.is_(None), *waits)
+
+
+def next_chunks(
+    ctx: Context,
+    queue: str,
+    limit: int,
+    *,
+    retry_backoff_s: float = 0.0,
+    retry_backoff_max_s: float = 300.0,
+) -> list[int]:
     """Unpublished pending chunks of runnable jobs in `queue`: highest priority first, then one
     chunk per tenant in turn (a tenant's k-th chunk waits for every tenant's (k−1)-th), oldest job
-    and lowest chunk index first within a tenant."""
+    and lowest chunk index first within a tenant. A chunk that failed waits for its backoff."""
     if limit <= 0:
         return []
+    due = retry_due(utcnow(), retry_backoff_s, retry_backoff_max_s)
     turn = func.row_number().over(
         partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Chunk.index)
     )
@@ -76,7 +112,7 @@ def next_chunks(ctx: Context, queue: str, limit: int) -> list[int]:
                turn.label("turn"))
         .join(Job, Job.id == Chunk.job_id)
         .where(Job.queue == queue, Job.state.in_(RUNNABLE), Chunk.state == ChunkState.PENDING,
-               Chunk.published_at.is_(None))
+               Chunk.published_at.is_(None), due)
         .subquery()
     )  # fmt: skip
     query = (
@@ -133,13 +169,11 @@ def republish_lost(ctx: Context, publish: Publish, older_than_s: float) -> int:
 
 def finalize_ready(ctx: Context) -> int:
     """Finalise every job that has no pending or running chunk left (or, when cancelling, no
-    running chunk)."""
+    running chunk). A job left `finalizing` by a finalisation that failed (storage down while
+    the manifest was written) is finalised again."""
+    states = (JobState.QUEUED, JobState.RUNNING, JobState.FINALIZING, JobState.CANCELLING)
     with ctx.session() as session:
-        candidates = session.scalars(
-            select(Job.id).where(
-                Job.state.in_((JobState.QUEUED, JobState.RUNNING, JobState.CANCELLING))
-            )
-        ).all()
+        candidates = session.scalars(select(Job.id).where(Job.state.in_(states))).all()
     return sum(maybe_finalize(ctx, job_id) for job_id in candidates)
 
 
@@ -170,7 +204,14 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
     report.republished = republish_lost(ctx, publish, config.republish_after_s)
     for queue, bound in config.max_in_flight.items():
         free = bound - _in_flight(ctx, queue)
-        report.published[queue] = _publish(ctx, next_chunks(ctx, queue, free), queue, publish)
+        ready = next_chunks(
+            ctx,
+            queue,
+            free,
+            retry_backoff_s=config.retry_backoff_s,
+            retry_backoff_max_s=config.retry_backoff_max_s,
+        )
+        report.published[queue] = _publish(ctx, ready, queue, publish)
     report.finalized = finalize_ready(ctx)
     refresh_gauges(ctx)
     return report

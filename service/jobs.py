@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from sqlalchemy import Table, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import metrics
 from service.db import (
     TERMINAL_JOB_STATES,
     Chunk,
@@ -509,7 +510,17 @@ def pause(ctx: Context, tenant: int, job_id: str) -> JobView:
 
 
 def resume(ctx: Context, tenant: int, job_id: str) -> JobView:
-    return _set_state(ctx, tenant, job_id, {JobState.PAUSED: JobState.QUEUED}, "resume")
+    """Queue a paused job again. Messages published before the pause were skipped by the
+    workers, so its pending chunks count as unpublished: the dispatcher sends them at once instead
+    of after its lost-message delay (a leftover duplicate message is harmless)."""
+    view = _set_state(ctx, tenant, job_id, {JobState.PAUSED: JobState.QUEUED}, "resume")
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.PENDING)
+            .values(published_at=None)
+        )
+    return view
 
 
 def retry(ctx: Context, tenant: int, job_id: str) -> JobView:
@@ -690,6 +701,7 @@ def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
             chunk.published_at = None
             chunk.last_error = f"lease of {chunk.lease_owner} expired (worker lost)"
             chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
+            metrics.CHUNK_ATTEMPTS.labels("dead" if dead else "expired").inc()
         jobs = {c.job_id for c in expired}
     for job in jobs:
         _recount(ctx, job)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
 import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from service.api.deps import ContextDep
 from service.api.schemas import Status
 from service.jobs import HEAD_REVISION, Context
+from service.metrics import exposition
 from service.storage import S3Storage
 
 log = logging.getLogger(__name__)
@@ -89,10 +89,5 @@ async def readyz(ctx: ContextDep, request: Request) -> Response:
 )
 def metrics() -> Response:
     """Prometheus metrics (all processes' in multiprocess mode)."""
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = exposition()
+    return Response(body, media_type=content_type)
