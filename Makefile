@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev,service
 
-.PHONY: install test lint typecheck unit demo clean
+.PHONY: install test lint typecheck unit demo clean stack stack-down
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -30,6 +30,17 @@ test: lint typecheck unit
 
 demo: install
 	$(VENV)/bin/dpig demo
+
+# A local stack without Docker (PostgreSQL, Redis, SeaweedFS, API, dispatcher, workers) in $(DIR);
+# `source $(DIR)/stack.env` points the CLI at it (docs/operations.md, "Local stack (no Docker)").
+DIR     ?= .stack/
+WORKERS ?= 2
+
+stack: install
+	$(PY) -m service.localstack up --dir $(DIR) --workers $(WORKERS)
+
+stack-down:
+	$(PY) -m service.localstack down --dir $(DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -64,6 +64,12 @@ def dispatcher(
     republish_after: float = typer.Option(
         120.0, min=1, help="Re-publish a pending chunk whose message is this old (lost message)."
     ),
+    retry_backoff: float = typer.Option(
+        2.0,
+        min=0,
+        help="Seconds before a failed chunk is published again, doubling per attempt (at most "
+        "5 minutes); 0: at once.",
+    ),
     metrics_port: int = typer.Option(9102, help="Port of /metrics (0: none)."),
 ) -> None:
     """Publish runnable chunks just in time, re-queue expired leases, re-publish lost messages,
@@ -85,7 +91,9 @@ def dispatcher(
     if metrics_port:
         start_http_server(metrics_port)
     metrics.touch_labels()
-    config = DispatchConfig(max_in_flight=bounds, republish_after_s=republish_after)
+    config = DispatchConfig(
+        max_in_flight=bounds, republish_after_s=republish_after, retry_backoff_s=retry_backoff
+    )
     stopping = {"now": False}
 
     def stop(*_: Any) -> None:
