@@ -92,7 +92,10 @@ def dispatcher(
         start_http_server(metrics_port)
     metrics.touch_labels()
     config = DispatchConfig(
-        max_in_flight=bounds, republish_after_s=republish_after, retry_backoff_s=retry_backoff
+        max_in_flight=bounds,
+        republish_after_s=republish_after,
+        retry_backoff_s=retry_backoff,
+        gauges_every_s=1.0,
     )
     stopping = {"now": False}
 

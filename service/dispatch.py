@@ -15,12 +15,14 @@ One `tick` does, in order:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
+from sqlalchemy.orm import Session
 
 from service import metrics
 from service.db import Chunk, ChunkState, Job, JobState, Queue, utcnow
@@ -41,6 +43,9 @@ class DispatchConfig:
     # 2^(attempts − 1), at most retry_backoff_max_s, after that attempt started (0: at once)
     retry_backoff_s: float = 0.0
     retry_backoff_max_s: float = 300.0
+    # the gauges are refreshed at most this often (0: every tick)
+    gauges_every_s: float = 0.0
+    gauges_refreshed_at: float = field(default=float("-inf"), repr=False)
 
 
 @dataclass
@@ -51,27 +56,32 @@ class TickReport:
     finalized: int = 0
 
 
-def _in_flight(ctx: Context, queue: str) -> int:
-    with ctx.session() as session:
-        count = session.scalar(
-            select(func.count())
-            .select_from(Chunk)
-            .join(Job)
-            .where(
-                Job.queue == queue,
-                or_(
-                    Chunk.state == ChunkState.RUNNING,
-                    # a paused or cancelled job's unstarted messages are skipped by the workers:
-                    # they must not hold the queue's slots
-                    and_(
-                        Chunk.state == ChunkState.PENDING,
-                        Chunk.published_at.is_not(None),
-                        Job.state.in_(RUNNABLE),
-                    ),
+def _in_flight_query() -> Any:
+    """Published-or-running chunks per queue, in one grouped query."""
+    return (
+        select(Job.queue, func.count())
+        .select_from(Chunk)
+        .join(Job)
+        .where(
+            or_(
+                Chunk.state == ChunkState.RUNNING,
+                # a paused or cancelled job's unstarted messages are skipped by the workers:
+                # they must not hold the queue's slots
+                and_(
+                    Chunk.state == ChunkState.PENDING,
+                    Chunk.published_at.is_not(None),
+                    Job.state.in_(RUNNABLE),
                 ),
-            )
+            ),
         )
-        return int(count or 0)
+        .group_by(Job.queue)
+    )
+
+
+def _in_flight(session: Session, queues: list[str]) -> dict[str, int]:
+    query = _in_flight_query().where(Job.queue.in_(queues))
+    counts = {str(queue): int(n or 0) for queue, n in session.execute(query).all()}
+    return {queue: counts.get(queue, 0) for queue in queues}
 
 
 def retry_due(now: datetime, backoff_s: float, max_s: float) -> ColumnElement[bool]:
@@ -103,6 +113,15 @@ def next_chunks(
     and lowest chunk index first within a tenant. A chunk that failed waits for its backoff."""
     if limit <= 0:
         return []
+    with ctx.session() as session:
+        return _next_chunks(session, queue, limit, retry_backoff_s, retry_backoff_max_s)
+
+
+def _next_chunks(
+    session: Session, queue: str, limit: int, retry_backoff_s: float, retry_backoff_max_s: float
+) -> list[int]:
+    if limit <= 0:
+        return []
     due = retry_due(utcnow(), retry_backoff_s, retry_backoff_max_s)
     turn = func.row_number().over(
         partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Chunk.index)
@@ -120,8 +139,7 @@ def next_chunks(
         .order_by(ranked.c.priority.desc(), ranked.c.turn, ranked.c.created_at, ranked.c.index)
         .limit(limit)
     )
-    with ctx.session() as session:
-        return [int(row) for row in session.scalars(query)]
+    return [int(row) for row in session.scalars(query)]
 
 
 def _mark_published(ctx: Context, chunk_ids: list[int], when: Any) -> None:
@@ -172,8 +190,18 @@ def finalize_ready(ctx: Context) -> int:
     running chunk). A job left `finalizing` by a finalisation that failed (storage down while
     the manifest was written) is finalised again."""
     states = (JobState.QUEUED, JobState.RUNNING, JobState.FINALIZING, JobState.CANCELLING)
+    # only jobs with nothing left to wait for (maybe_finalize checks again, under a row lock):
+    # one query, not a transaction per active job
+    running = select(Chunk.id).where(Chunk.job_id == Job.id, Chunk.state == ChunkState.RUNNING)
+    pending = select(Chunk.id).where(Chunk.job_id == Job.id, Chunk.state == ChunkState.PENDING)
     with ctx.session() as session:
-        candidates = session.scalars(select(Job.id).where(Job.state.in_(states))).all()
+        candidates = session.scalars(
+            select(Job.id).where(
+                Job.state.in_(states),
+                ~running.exists(),
+                or_(Job.state == JobState.CANCELLING, ~pending.exists()),
+            )
+        ).all()
     return sum(maybe_finalize(ctx, job_id) for job_id in candidates)
 
 
@@ -202,16 +230,26 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
     report = TickReport()
     report.expired = requeue_expired(ctx)
     report.republished = republish_lost(ctx, publish, config.republish_after_s)
-    for queue, bound in config.max_in_flight.items():
-        free = bound - _in_flight(ctx, queue)
-        ready = next_chunks(
-            ctx,
-            queue,
-            free,
-            retry_backoff_s=config.retry_backoff_s,
-            retry_backoff_max_s=config.retry_backoff_max_s,
-        )
-        report.published[queue] = _publish(ctx, ready, queue, publish)
+    # the queues are independent: read every queue's free slots and next chunks in one
+    # transaction, then mark and send per queue
+    queues = list(config.max_in_flight)
+    with ctx.session() as session:
+        in_flight = _in_flight(session, queues)
+        ready = {
+            queue: _next_chunks(
+                session,
+                queue,
+                bound - in_flight[queue],
+                config.retry_backoff_s,
+                config.retry_backoff_max_s,
+            )
+            for queue, bound in config.max_in_flight.items()
+        }
+    for queue in queues:
+        report.published[queue] = _publish(ctx, ready[queue], queue, publish)
     report.finalized = finalize_ready(ctx)
-    refresh_gauges(ctx)
+    now = time.monotonic()
+    if config.gauges_every_s <= 0 or now - config.gauges_refreshed_at >= config.gauges_every_s:
+        refresh_gauges(ctx)
+        config.gauges_refreshed_at = now
     return report
