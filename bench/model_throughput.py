@@ -8,6 +8,7 @@ bf16, channels_last and torch.compile; on the CPU it runs fp32 with and without 
 
     python bench/model_throughput.py                       # CPU: tiny and market-small
     python bench/model_throughput.py --presets market --batch 64 256 --device cuda
+    python bench/model_throughput.py --presets market --batch 1 8 --threads 1 2 --append
 Last line: best_images_per_s=<value> (<case>).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -65,10 +67,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", nargs="+", type=int, default=[torch.get_num_threads()])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args()
     rows = []
-    for preset in args.presets:
+    if args.append and args.out.exists():
+        rows = json.loads(args.out.read_text())["rows"]
+    for threads, preset in [(t, p) for t in args.threads for p in args.presets]:
+        torch.set_num_threads(threads)
         config = get_preset(preset)
         decoder_flops = 2 * model_info(config)["networks"]["decoder"]["macs"]
         for variant in _variants(args.device):
@@ -78,7 +85,7 @@ def main() -> None:
                 times = _time(pipe, batch, args.runs, args.warmup)
                 median = statistics.median(times)
                 row = {
-                    "preset": preset, "batch": batch, **variant,
+                    "preset": preset, "batch": batch, "threads": threads, **variant,
                     "median_s": round(median, 4), "images_per_s": round(batch / median, 1),
                     "decoder_tflops": round(decoder_flops * batch / median / 1e12, 3),
                 }  # fmt: skip
@@ -88,7 +95,7 @@ def main() -> None:
     machine = {
         "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }

@@ -39,6 +39,7 @@ def model_info(config: DPIGConfig) -> dict[str, Any]:
         pose_in, code = torch.zeros(1, NUM_KEYPOINTS * 3), torch.zeros(1, config.pose_dim)
 
         decoder = model.decoder
+        decoder.early_up_conv = False  # the reference's layer order (same numbers, more MACs)
         decoder.fast_input_conv = False
         plain = _macs(lambda: decoder(embedding, maps))
         decoder.fast_input_conv = True

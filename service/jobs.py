@@ -339,10 +339,16 @@ def total_items(spec: JobSpec, sources: list[str] | None) -> int:
     return len(spec.pairs) * spec.steps
 
 
+# Fields that hold only numbers: a pose grid can carry 10^4 poses, not worth walking.
+_NO_IMAGES = frozenset({"poses", "source_keypoints", "keypoints"})
+
+
 def _image_uris(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
     """(field path, uri) of every image reference in a spec's JSON form."""
     if isinstance(data, dict):
         for key, value in data.items():
+            if key in _NO_IMAGES:
+                continue
             where = f"{path}.{key}" if path else str(key)
             if key == "uri" and isinstance(value, str):
                 yield where, value
@@ -353,11 +359,11 @@ def _image_uris(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _image_uris(value, f"{path}.{k}")
 
 
-def _check_image_uris(ctx: Context, spec: JobSpec) -> None:
+def _check_image_uris(ctx: Context, data: dict[str, Any]) -> None:
     """Image references (swap, interpolate, fixed factors) must lie under an allowed source
     prefix, checked at submit so that a bad URI refuses the job instead of failing its items."""
     allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
-    for field, uri in _image_uris(spec_json(spec)):
+    for field, uri in _image_uris(data):
         try:
             parse_source_uri(uri, allowed, field=field)
         except ValueError as exc:
@@ -368,7 +374,8 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     """Validate against the model and the quotas, freeze the inputs, and create the job and its
     chunks. Nothing is written when the job is refused."""
     model = resolve_model(ctx, spec.model)
-    _check_image_uris(ctx, spec)
+    data = spec_json(spec)
+    _check_image_uris(ctx, data)
     sources = _sources(ctx, spec) if spec.kind == "pose_grid" else None
     total = total_items(spec, sources)
     settings = ctx.settings
@@ -395,7 +402,6 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
             f"chunk_size: {total} items in chunks of {chunk_size} make {chunks} "
             f"chunks; at most {settings.max_chunks_per_job} per job",
         )
-    data = spec_json(spec)
     job = Job(
         tenant_id=tenant,
         kind=spec.kind,

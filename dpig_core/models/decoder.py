@@ -41,6 +41,9 @@ class UNetDecoder(nn.Module):
 
     With `fast_input_conv` (the default) the first 3×3 conv over the E constant channels is computed
     by `constant_input_conv`: the same numbers as the plain conv, at a fraction of the cost (§9 note).
+    With `early_up_conv` (the default) each decoder stage's 1×1 conv and ReLU run before the nearest
+    ×2 upsampling instead of after it: both act on each pixel alone, so they commute with it, and
+    run on a quarter of the pixels (the upsampling also copies fewer channels). Same numbers.
     """
 
     def __init__(self, config: DPIGConfig) -> None:
@@ -48,6 +51,7 @@ class UNetDecoder(nn.Module):
         n, depth = config.hidden, config.decoder_depth
         self.embedding_dim = config.embedding_dim
         self.fast_input_conv = True
+        self.early_up_conv = True
         self.conv_in = SameConv2d(config.embedding_dim + NUM_KEYPOINTS, n, 3)
         self.down = Tower(n, depth)
         self.bottom = (config.height // 2 ** (depth - 1), config.width // 2 ** (depth - 1))
@@ -86,7 +90,11 @@ class UNetDecoder(nn.Module):
         for j, block in enumerate(self.up_blocks):
             x = block(torch.cat([x, skips[-1 - j]], dim=1))
             if j < len(self.up_convs):
-                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-                x = F.relu(self.up_convs[j](x))
+                if self.early_up_conv:
+                    x = F.relu(self.up_convs[j](x))
+                    x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                else:
+                    x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+                    x = F.relu(self.up_convs[j](x))
         out: torch.Tensor = self.conv_out(x)
         return out

@@ -223,3 +223,37 @@ def test_backward_reaches_every_parameter() -> None:
     assert embedding.grad is not None and embedding.grad.abs().sum() > 0
     for name, p in dec.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------------------------------
+# early_up_conv: the 1×1 conv + ReLU before the nearest ×2 upsampling instead of after it
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_early_up_conv_gives_the_same_images(channels_last: bool, batch: int) -> None:
+    torch.manual_seed(0)
+    dec = UNetDecoder(TINY).eval()
+    if channels_last:
+        dec = dec.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    embedding, maps = decoder_inputs(batch)
+    with torch.inference_mode():
+        dec.early_up_conv = False
+        reference = dec(embedding, maps)
+        dec.early_up_conv = True
+        early = dec(embedding, maps)
+    assert torch.equal(early, reference)
+
+
+def test_early_up_conv_gradients_match() -> None:
+    torch.manual_seed(0)
+    dec = UNetDecoder(TINY)
+    embedding, maps = decoder_inputs(2)
+    grads = []
+    for early in (False, True):
+        dec.zero_grad()
+        dec.early_up_conv = early
+        dec(embedding, maps).square().mean().backward()
+        grads.append([p.grad.clone() for p in dec.up_convs.parameters() if p.grad is not None])
+    for reference, early_grad in zip(*grads, strict=True):
+        torch.testing.assert_close(early_grad, reference)
