@@ -9,7 +9,6 @@ images) are written once to storage at submit.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -791,15 +790,3 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
             job.state = JobState.COMPLETED
         job.finished_at = utcnow()
     return True
-
-
-def wait_until(
-    ctx: Context, tenant: int, job_id: str, states: tuple[str, ...], timeout: float = 60.0
-) -> JobView:
-    """Poll until the job reaches one of `states` (tests and `--wait`)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        view = get_job(ctx, tenant, job_id)
-        if view.state in states or time.monotonic() > deadline:
-            return view
-        time.sleep(0.2)
