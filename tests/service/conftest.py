@@ -1,10 +1,12 @@
-"""Service-test fixtures: a real S3 server (SeaweedFS ``weed mini``, SigV4 enforced) and buckets."""
+"""Service-test fixtures: throwaway PostgreSQL databases, and a real S3 server (SeaweedFS
+``weed mini``, SigV4 enforced) with buckets."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import json
+import os
 import random
 import shutil
 import signal
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,13 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
+from sqlalchemy import make_url
 
 from service.settings import Settings
 
+POSTGRES_ADMIN_URL = os.environ.get(
+    "DPIG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 ACCESS_KEY = "dpig-test-key"
 SECRET_KEY = "dpig-test-secret"
 REGION = "us-east-1"
@@ -239,3 +245,44 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
             if objects:
                 client.delete_objects(Bucket=name, Delete={"Objects": objects, "Quiet": True})
         client.delete_bucket(Bucket=name)
+
+
+NewDatabase = Callable[..., str]
+
+
+@pytest.fixture(scope="session")
+def new_postgres_database() -> Iterator[NewDatabase]:
+    """A factory of empty, uniquely named PostgreSQL databases: `new_postgres_database(prefix,
+    migrate=True)` → a SQLAlchemy URL. All are dropped at the end of the session; a test that
+    asks for one is skipped, with the reason, when PostgreSQL (`DPIG_TEST_POSTGRES_URL`) does not
+    answer."""
+    from service.db import upgrade_database
+
+    psycopg = pytest.importorskip("psycopg")
+    admin = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql")
+    state: dict[str, Any] = {"conn": None, "names": []}
+
+    def create(prefix: str, migrate: bool = True) -> str:
+        if state["conn"] is None:
+            try:
+                state["conn"] = psycopg.connect(
+                    admin.render_as_string(hide_password=False),
+                    autocommit=True,
+                    connect_timeout=3,
+                )
+            except psycopg.OperationalError as exc:
+                pytest.skip(f"PostgreSQL not reachable at {admin.host}:{admin.port} ({exc})")
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        state["conn"].execute(f'CREATE DATABASE "{name}"')
+        state["names"].append(name)
+        url = admin.set(drivername="postgresql+psycopg", database=name)
+        url_text: str = url.render_as_string(hide_password=False)
+        if migrate:
+            upgrade_database(url_text)
+        return url_text
+
+    yield create
+    if state["conn"] is not None:
+        with state["conn"] as conn:
+            for name in state["names"]:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

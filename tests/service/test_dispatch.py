@@ -12,18 +12,16 @@ postgres`, trust auth); without it these tests are skipped, with the reason.
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import delete, make_url, select, update
+from sqlalchemy import delete, select, update
 
-from service.db import Base, Chunk, ChunkState, Job, make_engine, upgrade_database, utcnow
+from service.db import Base, Chunk, ChunkState, Job, make_engine, utcnow
 from service.dispatch import DispatchConfig, finalize_ready, next_chunks, republish_lost, tick
 from service.jobs import (
     Claim,
@@ -43,33 +41,13 @@ from service.settings import Settings
 from service.shards import ShardWriter
 from service.specs import parse_spec
 
-ADMIN_URL = os.environ.get(
-    "DPIG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 MAX_ATTEMPTS = 2
 
 
 @pytest.fixture(scope="module")
-def dispatch_database() -> Iterator[str]:
-    """A migrated, uniquely named PostgreSQL database for this module, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    admin = make_url(ADMIN_URL).set(drivername="postgresql")
-    try:
-        conn = psycopg.connect(
-            admin.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {admin.host}:{admin.port} ({exc}); skipping")
-    name = f"dpig_dispatch_test_{uuid.uuid4().hex[:12]}"
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = admin.set(drivername="postgresql+psycopg", database=name)
-            url_text = url.render_as_string(hide_password=False)
-            upgrade_database(url_text)
-            yield url_text
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def dispatch_database(new_postgres_database: Callable[..., str]) -> str:
+    """A migrated PostgreSQL database for this module."""
+    return new_postgres_database("dpig_dispatch_test")
 
 
 @pytest.fixture

@@ -33,18 +33,14 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import make_url
 
 from service import metrics
-from service.db import ChunkState, JobState, Queue, upgrade_database
+from service.db import ChunkState, JobState, Queue
 from service.jobs import Context, get_job, open_context, pause, resume, submit, tenant_id
 from service.settings import Settings
 from service.specs import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-ADMIN_URL = os.environ.get(
-    "DPIG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 REDIS_URL = os.environ.get("DPIG_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 PROMTOOL = shutil.which("promtool")
 START_TIMEOUT_S = 60.0
@@ -250,25 +246,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack_database() -> Iterator[str]:
-    psycopg = pytest.importorskip("psycopg")
-    admin = make_url(ADMIN_URL).set(drivername="postgresql")
-    try:
-        conn = psycopg.connect(
-            admin.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {admin.host}:{admin.port} ({exc}); skipping")
-    name = f"dpig_metrics_test_{uuid.uuid4().hex[:12]}"
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = admin.set(drivername="postgresql+psycopg", database=name)
-            url_text = url.render_as_string(hide_password=False)
-            upgrade_database(url_text)
-            yield url_text
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def stack_database(new_postgres_database: Callable[..., str]) -> str:
+    """A migrated PostgreSQL database for this module."""
+    return new_postgres_database("dpig_metrics_test")
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ postgres`, trust auth); without it these tests are skipped, with the reason.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,42 +15,20 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
-from sqlalchemy.engine import make_url
 
 from service.api import create_app
-from service.db import ApiKey, Base, Job, make_engine, upgrade_database
+from service.db import ApiKey, Base, Job, make_engine
 from service.db.keys import new_api_key
 from service.jobs import Context, tenant_id
 from service.settings import Settings
-
-ADMIN_URL = os.environ.get(
-    "DPIG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 
 Headers = dict[str, str]
 
 
 @pytest.fixture(scope="session")
-def api_database_url() -> Iterator[str]:
-    """A migrated, uniquely named PostgreSQL database for the session, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    admin = make_url(ADMIN_URL).set(drivername="postgresql")
-    try:
-        conn = psycopg.connect(
-            admin.render_as_string(hide_password=False), autocommit=True, connect_timeout=3
-        )
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {admin.host}:{admin.port} ({exc}); skipping")
-    name = f"dpig_api_test_{uuid.uuid4().hex[:12]}"
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = admin.set(drivername="postgresql+psycopg", database=name)
-            url_text = url.render_as_string(hide_password=False)
-            upgrade_database(url_text)
-            yield url_text
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def api_database_url(new_postgres_database: Callable[..., str]) -> str:
+    """A migrated PostgreSQL database for the session."""
+    return new_postgres_database("dpig_api_test")
 
 
 @pytest.fixture

@@ -6,42 +6,22 @@ postgres`, trust auth); tests that need it are skipped, with the reason, when it
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, delete, make_url
+from sqlalchemy import Engine, delete
 from sqlalchemy.orm import Session
 
 from service.db import Base, make_engine, session_factory, upgrade_database
 
-ADMIN_URL = os.environ.get(
-    "DPIG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 BACKENDS = ["sqlite", "postgresql"]
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A SQLAlchemy URL to an empty, uniquely named PostgreSQL database, dropped at the end."""
-    psycopg = pytest.importorskip("psycopg")
-    admin = make_url(ADMIN_URL).set(drivername="postgresql")
-    dsn = admin.render_as_string(hide_password=False)
-    try:
-        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {admin.host}:{admin.port} ({exc}); skipping")
-    name = f"dpig_test_{uuid.uuid4().hex[:12]}"
-    with conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield admin.set(drivername="postgresql+psycopg", database=name).render_as_string(
-                hide_password=False
-            )
-        finally:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def postgres_url(new_postgres_database: Callable[..., str]) -> str:
+    """A SQLAlchemy URL to an empty, uniquely named PostgreSQL database."""
+    return new_postgres_database("dpig_test", migrate=False)
 
 
 @pytest.fixture
