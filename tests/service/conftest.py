@@ -7,10 +7,8 @@ import contextlib
 import ctypes
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import pytest
 from botocore.config import Config
 from sqlalchemy import make_url
 
+from service.localstack import pick_ports
 from service.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -41,7 +40,6 @@ STOP_TIMEOUT_S = 5.0
 # (the admin worker does), so every component gets the pair (p, p + 10000). Both halves stay below
 # the kernel's ephemeral range (32768+ by default) so outgoing connections cannot take them.
 _GRPC_OFFSET = 10000
-_PORT_RANGE = (15000, 22000)
 _PAIRED = ("s3", "master", "filer", "volume", "admin")
 
 
@@ -96,39 +94,6 @@ def _weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
-def _bindable(port: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        sock.close()
-        return None
-    return sock
-
-
-def _pick_ports() -> dict[str, int]:
-    """Free ports for every listener; candidates stay bound until all are chosen (no duplicates)."""
-    rng = random.Random()
-    held: list[socket.socket] = []
-    ports: dict[str, int] = {}
-    try:
-        for name in (*_PAIRED, "metrics"):
-            for _ in range(200):
-                port = rng.randrange(*_PORT_RANGE)
-                wanted = [port, port + _GRPC_OFFSET] if name in _PAIRED else [port]
-                socks = [_bindable(p) for p in wanted]
-                held.extend(s for s in socks if s is not None)
-                if all(socks):
-                    ports[name] = port
-                    break
-            else:
-                raise RuntimeError(f"no free port found for weed's {name} listener")
-    finally:
-        for sock in held:
-            sock.close()
-    return ports
-
-
 def _die_with_parent() -> None:
     # a hard-killed pytest must not leave a weed server behind
     with contextlib.suppress(OSError, AttributeError):
@@ -161,7 +126,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], server: S3Server) -> bool:
 
 
 def _launch(weed: Path, data_dir: Path, config: Path, log: Path) -> tuple[Any, S3Server] | None:
-    ports = _pick_ports()
+    ports = pick_ports((*_PAIRED, "metrics"), paired=_PAIRED)
     args = [
         str(weed),
         "mini",
