@@ -67,16 +67,6 @@ def render(
     return out
 
 
-def transfer(model: DPIG, codes: dict[str, torch.Tensor], rcv: torch.Tensor) -> torch.Tensor:
-    """Every source in every pose, each source encoded once: codes of S sources and P target poses
-    [P, 18, 3] → [S, P, 3, H, W]."""
-    s, p = codes["fg"].shape[0], rcv.shape[0]
-    fg = codes["fg"].repeat_interleave(p, dim=0)
-    bg = codes["bg"].repeat_interleave(p, dim=0) if "bg" in codes else None
-    images = render(model, fg, bg, rcv.repeat(s, 1, 1))
-    return images.view(s, p, *images.shape[1:])
-
-
 def sample_people(model: DPIG, count: int, generator: torch.Generator | None = None,
                   device: torch.device | str = "cpu") -> torch.Tensor:  # fmt: skip
     """`count` new people with every factor sampled through Φ (pose via Φ_pose and the pose
