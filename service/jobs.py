@@ -9,6 +9,7 @@ images) are written once to storage at submit.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,16 +35,20 @@ from service.db import (
     session_factory,
     utcnow,
 )
+from service.errors import JobError
 from service.settings import Settings
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
+    ImageSource,
+    ListingTooLarge,
+    SourceLocation,
     Storage,
     StorageError,
-    open_image_source,
-    parse_source_uri,
     storage_from_url,
 )
+from service.tenancy import TenantScope, check_request, quota
 
+log = logging.getLogger(__name__)
 HEAD_REVISION = "0001"
 DEFAULT_TENANT = "local"
 ACTIVE_STATES = (
@@ -53,15 +58,6 @@ ACTIVE_STATES = (
     JobState.PAUSED,
     JobState.CANCELLING,
 )
-
-
-class JobError(Exception):
-    """A request the job service refuses: `status` is the HTTP status the API answers with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -311,20 +307,29 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
-def _sources(ctx: Context, spec: PoseGridSpec) -> list[str]:
-    allowed = ["file:///"] if ctx.embedded else None
+def _sources(ctx: Context, location: SourceLocation, spec: PoseGridSpec) -> list[str]:
+    """The sorted source images of a pose grid; the listing stops at `max_sources`, and a
+    folder with more than `max_source_images` images (or `max_listed_objects` objects) is
+    refused rather than listed whole."""
+    cap = ctx.settings.max_source_images
+    wanted = spec.max_sources or cap + 1
+    source = ImageSource(location, storage_from_url(location.storage_url, ctx.settings))
     try:
-        source = open_image_source(
-            spec.images, ctx.settings, allowed_prefixes=allowed, field="images"
-        )
-        keys = source.keys()
-    except ValueError as exc:
-        raise JobError(422, str(exc)) from None
-    except StorageError as exc:
+        keys = source.keys(limit=wanted, max_scanned=ctx.settings.max_listed_objects)
+    except ListingTooLarge as exc:
         raise JobError(422, f"images: {exc}") from None
+    except StorageError as exc:
+        log.warning("listing %s failed: %s", spec.images, exc)
+        raise JobError(422, f"images: cannot list {spec.images[:300]!r}") from None
     if not keys:
-        raise JobError(422, f"images: no images found at {spec.images}")
-    return keys[: spec.max_sources] if spec.max_sources else keys
+        raise JobError(422, f"images: no images found at {spec.images[:300]!r}")
+    if len(keys) > cap:
+        raise JobError(
+            422,
+            f"images: more than {cap} images under {spec.images[:300]!r}; "
+            f"give max_sources (at most {cap}) or a narrower prefix",
+        )
+    return keys
 
 
 def total_items(spec: JobSpec, sources: list[str] | None) -> int:
@@ -358,15 +363,25 @@ def _image_uris(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
             yield from _image_uris(value, f"{path}.{k}")
 
 
-def _check_image_uris(ctx: Context, data: dict[str, Any]) -> None:
-    """Image references (swap, interpolate, fixed factors) must lie under an allowed source
-    prefix, checked at submit so that a bad URI refuses the job instead of failing its items."""
-    allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
+def _check_image_uris(scope: TenantScope, data: dict[str, Any]) -> None:
+    """Image references (swap, interpolate, fixed factors) must be readable by the tenant,
+    checked at submit so that a bad URI refuses the job instead of failing its items."""
     for field, uri in _image_uris(data):
-        try:
-            parse_source_uri(uri, allowed, field=field)
-        except ValueError as exc:
-            raise JobError(422, str(exc)) from None
+        scope.source(uri, field)
+
+
+def _check_quota(session: Session, tenant: Tenant, limit: int, *, lock: bool) -> None:
+    """429 when the tenant has `limit` active jobs. With `lock`, the tenant's row stays locked
+    until the caller's transaction ends, so concurrent submits count one after the other."""
+    if lock:
+        session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant.id, Job.state.in_(ACTIVE_STATES))
+    )
+    if (active or 0) >= limit:
+        raise JobError(429, f"quota: {active} active jobs, the limit is {limit}")
 
 
 def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
@@ -374,26 +389,27 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     chunks. Nothing is written when the job is refused."""
     model = resolve_model(ctx, spec.model)
     data = spec_json(spec)
-    _check_image_uris(ctx, data)
-    sources = _sources(ctx, spec) if spec.kind == "pose_grid" else None
-    total = total_items(spec, sources)
     settings = ctx.settings
     with ctx.session() as session:
         tenant_row = session.get(Tenant, tenant)
         if tenant_row is None:
             raise JobError(404, "tenant not found")
-        max_items = tenant_row.max_items_per_job or settings.max_items_per_job
-        if total > max_items:
-            raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")
-        max_active = tenant_row.max_active_jobs or settings.max_active_jobs
-        active = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant_id == tenant, Job.state.in_(ACTIVE_STATES))
-        )
-        if (active or 0) >= max_active:
-            raise JobError(429, f"quota: {active} active jobs, the limit is {max_active}")
-    chunk_size = spec.chunk_size or settings.chunk_size
+        chunk_size = check_request(settings, tenant_row, spec, embedded=ctx.embedded)
+        max_active = quota(tenant_row.max_active_jobs, settings.max_active_jobs)
+        max_items = quota(tenant_row.max_items_per_job, settings.max_items_per_job)
+        # before any listing: a tenant over its quota costs nothing more
+        _check_quota(session, tenant_row, max_active, lock=False)
+        scope = TenantScope(settings, session, tenant_row, embedded=ctx.embedded)
+        _check_image_uris(scope, data)
+        location = scope.source(spec.images, "images") if spec.kind == "pose_grid" else None
+        session.expunge(tenant_row)
+    sources = None
+    if spec.kind == "pose_grid":
+        assert location is not None
+        sources = _sources(ctx, location, spec)
+    total = total_items(spec, sources)
+    if total > max_items:
+        raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")
     chunks = -(-total // chunk_size)
     if chunks > settings.max_chunks_per_job:
         raise JobError(
@@ -439,6 +455,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         # compact: an indented dump runs in pure Python and dominated the submit time
         ctx.storage.put_bytes(prefix + "job.json", json.dumps(manifest).encode())
         with ctx.session() as session:
+            _check_quota(session, tenant_row, max_active, lock=True)
             session.add(job)
             session.flush()
             session.execute(

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -25,8 +32,10 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-__all__ = ["Settings", "get_settings", "normalize_location"]
+__all__ = ["Settings", "TenantPolicy", "get_settings", "normalize_location"]
 
+QueueName = Literal["interactive", "bulk"]
+_DEFAULT_QUEUES: tuple[QueueName, ...] = ("bulk",)
 _POSTGRES_SCHEMES = ("postgres://", "postgresql://")
 
 
@@ -71,6 +80,21 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+class TenantPolicy(BaseModel):
+    """What the operator allows one tenant beyond the defaults (``Settings.tenants``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source_prefixes: list[str] = Field(default_factory=list)
+    max_priority: int | None = Field(default=None, ge=-100, le=100)
+    queues: list[QueueName] | None = None
+
+    @field_validator("source_prefixes", mode="after")
+    @classmethod
+    def _locations(cls, value: list[str]) -> list[str]:
+        return [normalize_location(item, field="tenants.source_prefixes") for item in value]
+
+
 class Settings(BaseSettings):
     """dpig settings; every field reads ``DPIG_<FIELD>`` from the environment or a ``.env`` file.
 
@@ -83,10 +107,14 @@ class Settings(BaseSettings):
     exponential backoff with jitter, capped at 20 s a wait, so the default 10 attempts ride out
     roughly one minute of S3 being unavailable; longer outages fall to chunk retries.
 
-    Source images (``allowed_source_prefixes``): a job may read sources only from under one of
-    these ``s3://bucket/prefix`` or ``file:///abs/dir`` prefixes. Empty (the default) means only the
-    storage location itself: the whole bucket of an ``s3://`` storage URL, or the output folder of
-    a ``file://`` one. Nothing is ever fetched from http(s) URLs.
+    Source images: a tenant's job may read sources from under the global
+    ``allowed_source_prefixes`` (shared read-only datasets), its own ``tenants.<name>.
+    source_prefixes``, and its own jobs' outputs (``<storage_url>/jobs/<job id>/``); never from
+    other tenants' outputs (``service.tenancy``). Nothing is ever fetched from http(s) URLs.
+
+    Per-tenant policy (``tenants``): a JSON object ``{"<tenant>": {"source_prefixes": [...],
+    "max_priority": 10, "queues": ["bulk", "interactive"]}}``; a tenant not named there (or a
+    field left out) gets ``default_max_priority`` and ``default_queues``.
     """
 
     model_config = SettingsConfigDict(
@@ -121,7 +149,25 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=300, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_job: int = Field(default=10_000_000, ge=1)
-    max_active_jobs: int = Field(default=100, ge=1)
+    max_active_jobs: int = Field(default=100, ge=0)
+    # tenant isolation and resource limits (docs/operations.md, "Tenants and limits")
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+    default_max_priority: int = Field(default=0, ge=-100, le=100)
+    default_queues: Annotated[list[QueueName], NoDecode] = Field(
+        default_factory=lambda: list(_DEFAULT_QUEUES)
+    )
+    # a pose grid lists at most this many source images, scanning at most max_listed_objects keys
+    max_source_images: int = Field(default=100_000, ge=1)
+    max_listed_objects: int = Field(default=1_000_000, ge=1)
+    max_chunk_size: int = Field(default=4096, ge=1)
+    max_source_bytes: int = Field(default=20_000_000, ge=1)
+    max_source_pixels: int = Field(default=16_000_000, ge=1)
+    source_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PNG", "JPEG", "WEBP", "BMP"]
+    )
+    max_event_streams_per_tenant: int = Field(default=8, ge=1)
+    max_presign_seconds: int = Field(default=86_400, ge=1, le=7 * 24 * 3600)
+    max_page_size: int = Field(default=1000, ge=1)
     # A chunk is a row, a shard and a task: a cap keeps one request from writing millions of them.
     max_chunks_per_job: int = Field(default=100_000, ge=1)
 
@@ -143,7 +189,9 @@ class Settings(BaseSettings):
     def _storage_location(cls, value: str) -> str:
         return normalize_location(value, field="storage_url")
 
-    @field_validator("allowed_source_prefixes", "model_dirs", mode="before")
+    @field_validator(
+        "allowed_source_prefixes", "model_dirs", "default_queues", "source_formats", mode="before"
+    )
     @classmethod
     def _list_from_string(cls, value: Any) -> Any:
         return _split_list(value)
@@ -165,12 +213,25 @@ class Settings(BaseSettings):
 
     @property
     def source_prefixes(self) -> list[str]:
-        """The effective allow-list for source URIs (see the class docstring)."""
-        if self.allowed_source_prefixes:
-            return list(self.allowed_source_prefixes)
-        if self.storage_url.startswith("s3://"):
-            return ["s3://" + urlsplit(self.storage_url).netloc]
-        return [self.storage_url]
+        """Everywhere a worker may read a source at all: the global and every tenant's prefixes,
+        and the output store (its own outputs). Which of these one tenant may name is checked at
+        submit (``service.tenancy.check_source``)."""
+        out = list(self.allowed_source_prefixes)
+        for policy in self.tenants.values():
+            out += policy.source_prefixes
+        return [*out, self.storage_url]
+
+    def policy(self, tenant: str) -> TenantPolicy:
+        """The operator's policy for tenant ``tenant`` (an empty one when not configured)."""
+        return self.tenants.get(tenant) or TenantPolicy()
+
+    def max_priority(self, tenant: str) -> int:
+        found = self.policy(tenant).max_priority
+        return self.default_max_priority if found is None else found
+
+    def queues(self, tenant: str) -> list[str]:
+        found = self.policy(tenant).queues
+        return list(self.default_queues if found is None else found)
 
     @property
     def sqlite_path(self) -> Path | None:

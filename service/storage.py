@@ -7,6 +7,8 @@ plain string prefixes, as S3 does: end a prefix with ``/`` to scope it to one fo
 
 from __future__ import annotations
 
+import builtins
+import itertools
 import mimetypes
 import os
 import re
@@ -35,6 +37,7 @@ else:
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageSource",
+    "ListingTooLarge",
     "LocalStorage",
     "NotFound",
     "S3Storage",
@@ -63,6 +66,10 @@ class StorageError(Exception):
 
 class NotFound(StorageError):
     """The key does not exist."""
+
+
+class ListingTooLarge(ValueError):
+    """A source listing passed its cap (``ImageSource.keys``)."""
 
 
 def _check_path(value: str, *, what: str, allow_empty: bool, allow_trailing_slash: bool) -> str:
@@ -128,6 +135,15 @@ class Storage(ABC):
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Every key starting with ``prefix``, sorted."""
+
+    @abstractmethod
+    def iter_keys(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix`` and sorting after ``start_after``, in sorted order and
+        lazily: a caller that stops early never lists the rest."""
+
+    def page(self, prefix: str, limit: int, start_after: str = "") -> builtins.list[str]:
+        """At most ``limit`` sorted keys under ``prefix`` after ``start_after`` (a page)."""
+        return list(itertools.islice(self.iter_keys(prefix, start_after), limit))
 
     @abstractmethod
     def delete_prefix(self, prefix: str) -> int:
@@ -229,6 +245,34 @@ class LocalStorage(Storage):
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._iter_keys(check_prefix(prefix)))
+
+    def iter_keys(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
+        check_prefix(prefix)
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root.joinpath(*folder.split("/")) if folder else self.root
+        for key in self._walk_sorted(start, folder):
+            if key.startswith(prefix) and key > start_after:
+                yield key
+            elif key > prefix and not key.startswith(prefix) and key > start_after:
+                return  # sorted: nothing further can match
+
+    def _walk_sorted(self, folder: Path, rel: str) -> Iterator[str]:
+        """Keys under ``folder`` in byte order: a folder ``x`` sorts as ``x/`` (after ``x.png``)."""
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        named = sorted(
+            (entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""), entry)
+            for entry in entries
+            if not entry.name.startswith(_TMP_PREFIX)
+        )
+        for name, entry in named:
+            key = f"{rel}/{name}" if rel else name
+            if name.endswith("/"):
+                yield from self._walk_sorted(Path(entry.path), key.rstrip("/"))
+            elif entry.is_file():
+                yield key
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(check_prefix(prefix, allow_empty=False))
@@ -380,6 +424,21 @@ class S3Storage(Storage):
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot list {self.root_url}/{prefix}: {exc}") from exc
 
+    def iter_keys(self, prefix: str = "", start_after: str = "") -> Iterator[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        full = self._full_prefix(check_prefix(prefix))
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full}
+        if start_after:
+            args["StartAfter"] = self._full_prefix(start_after)
+        try:
+            for page in paginator.paginate(**args):
+                for obj in page.get("Contents", []):
+                    if not obj["Key"].endswith("/"):
+                        yield obj["Key"][strip:]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot list {self.root_url}/{prefix}: {exc}") from exc
+
     def list(self, prefix: str = "") -> list[str]:
         strip = len(self.prefix) + 1 if self.prefix else 0
         # "folder/" markers (made by consoles and some tools) are not objects to read
@@ -500,15 +559,24 @@ class ImageSource:
         self.location = location
         self.storage = storage
 
-    def keys(self) -> list[str]:
-        """The sorted image keys under the source folder."""
+    def keys(self, *, limit: int | None = None, max_scanned: int | None = None) -> list[str]:
+        """The sorted image keys under the source folder: the first ``limit`` of them when given
+        (the listing stops there). Scanning more than ``max_scanned`` objects (images or not)
+        raises ``ListingTooLarge``."""
         strip = len(self.location.prefix)
-        out = []
-        for key in self.storage.list(self.location.prefix):
+        out: list[str] = []
+        for scanned, key in enumerate(self.storage.iter_keys(self.location.prefix), 1):
+            if max_scanned is not None and scanned > max_scanned:
+                raise ListingTooLarge(
+                    f"more than {max_scanned} objects under {self.location.uri}; "
+                    "name a narrower prefix"
+                )
             rel = key[strip:]
             name = PurePosixPath(rel).name
             if not name.startswith(".") and PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS:
                 out.append(rel)
+                if limit is not None and len(out) >= limit:
+                    break
         return out
 
     def read(self, key: str) -> bytes:

@@ -405,8 +405,15 @@ def test_image_source_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
     for key, data in SOURCE_FILES.items():
         client.put_object(Bucket=s3_bucket, Key=f"photos/{key}", Body=data)
     client.put_object(Bucket=s3_bucket, Key="photos-extra/z.png", Body=b"z")
-    # default allow-list: the storage bucket itself
-    settings = s3_server.settings(tmp_path, storage_url=f"s3://{s3_bucket}/outputs")
+    # without prefixes only the output location is readable, not the rest of its bucket
+    alone = s3_server.settings(tmp_path, storage_url=f"s3://{s3_bucket}/outputs")
+    with pytest.raises(ValueError, match="outside"):
+        open_image_source(f"s3://{s3_bucket}/photos/", alone)
+    settings = s3_server.settings(
+        tmp_path,
+        storage_url=f"s3://{s3_bucket}/outputs",
+        allowed_source_prefixes=[f"s3://{s3_bucket}/photos"],
+    )
     source = open_image_source(f"s3://{s3_bucket}/photos/", settings)
     assert source.location.prefix == "photos/"
     assert source.keys() == SOURCE_KEYS
@@ -416,3 +423,29 @@ def test_image_source_s3(s3_server, s3_bucket: str, tmp_path: Path) -> None:
         open_image_source("s3://someone-elses-bucket/photos/", settings)
     with pytest.raises(ValueError, match="scheme 'https'"):
         open_image_source(f"https://{s3_bucket}.s3.amazonaws.com/photos/", settings)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_iter_keys_pages_cover_every_key_once(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    storage: Storage
+    if backend == "local":
+        storage = LocalStorage(tmp_path / "root")
+    else:
+        server = request.getfixturevalue("s3_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        storage = S3Storage(bucket, "p", client=server.client())
+    keys = ["a/x.png", "a/x/y.png", "a/x0.png", "a/z.png", "b.png", "a.png"]
+    for key in keys:
+        storage.put_bytes(key, b"1")
+    listed = list(storage.iter_keys("a/"))
+    assert sorted(listed) == sorted(k for k in keys if k.startswith("a/"))
+    if backend == "local":  # byte order, as AWS S3 lists (SeaweedFS lists folder by folder)
+        assert listed == sorted(listed)
+    pages, after = [], ""
+    while page := storage.page("", 2, start_after=after):
+        pages.append(page)
+        after = page[-1]
+    assert [len(p) for p in pages] == [2, 2, 2]
+    assert sorted(k for p in pages for k in p) == sorted(keys)
