@@ -318,6 +318,8 @@ def worker(stack: Stack) -> Iterator[tuple[Proc, int]]:
 def test_dispatcher_exposition_passes_promtool(stack: Stack, dispatcher: tuple[Proc, int]) -> None:
     proc, port = dispatcher
     ctx = stack.context()
+    # the operator lets this tenant use the interactive queue (by default tenants get bulk only)
+    ctx.settings = ctx.settings.model_copy(update={"default_queues": ["bulk", "interactive"]})
     tenant = tenant_id(ctx, "metrics")
     spec = parse_spec(
         {"kind": "sample", "count": 10, "chunk_size": 4, "queue": "interactive", "seed": 1}

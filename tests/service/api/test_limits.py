@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
-from service.db import Tenant
+from service.db import Job, Tenant
 from service.jobs import Context
 from service.settings import Settings
 
@@ -109,3 +110,106 @@ def test_active_jobs_quota(
     # a finished (cancelled) job no longer counts
     assert client.post(f"/v1/jobs/{first['id']}:cancel", headers=auth).status_code == 200
     assert client.post("/v1/jobs", headers=auth, json=sample_spec()).status_code == 201
+
+
+def test_quota_of_zero_means_zero(
+    client: TestClient, ctx: Context, auth: Headers, written: Written, sample_spec: Spec
+) -> None:
+    with ctx.session() as session:
+        session.execute(update(Tenant).values(max_active_jobs=0))
+    response = client.post("/v1/jobs", headers=auth, json=sample_spec())
+    assert response.status_code == 429, response.text
+    assert response.json()["detail"] == "quota: 0 active jobs, the limit is 0"
+    assert written() == (0, [])
+
+
+def test_active_jobs_quota_is_atomic(
+    client: TestClient, ctx: Context, auth: Headers, sample_spec: Spec
+) -> None:
+    """A concurrent submit holds the tenant's row and has inserted its job, not yet committed:
+    this submit must wait for it and then count it, instead of both passing the check."""
+    with ctx.session() as session:
+        session.execute(update(Tenant).values(max_active_jobs=1))
+        tenant = session.scalar(select(Tenant.id).where(Tenant.name == "alice"))
+    other = ctx.sessions()
+    other.begin()
+    other.execute(select(Tenant.id).where(Tenant.id == tenant).with_for_update())
+    other.add(
+        Job(
+            tenant_id=tenant,
+            kind="sample",
+            spec={},
+            spec_sha256="0" * 64,
+            model_name="default",
+            weights_sha256="0" * 64,
+            seed=0,
+            total_items=1,
+            chunk_size=1,
+        )
+    )
+    other.flush()
+    answer: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: answer.update(
+            status=client.post("/v1/jobs", headers=auth, json=sample_spec()).status_code
+        )
+    )
+    thread.start()
+    thread.join(timeout=1.5)
+    assert thread.is_alive(), f"the submit did not wait for the tenant lock: {answer}"
+    other.commit()
+    other.close()
+    thread.join(timeout=30)
+    assert answer == {"status": 429}
+    with ctx.session() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+@pytest.mark.parametrize(
+    ("values", "detail"),
+    [
+        ({"queue": "interactive"}, "queue: 'interactive' is not allowed for this tenant"),
+        ({"priority": 1}, "priority: 1 exceeds this tenant's maximum of 0"),
+        ({"chunk_size": 5000, "count": 5000}, "chunk_size: 5000 exceeds the limit of 4096"),
+    ],
+)
+def test_queue_priority_and_chunk_size_limits(
+    client: TestClient,
+    auth: Headers,
+    written: Written,
+    sample_spec: Spec,
+    values: dict[str, Any],
+    detail: str,
+) -> None:
+    response = client.post("/v1/jobs", headers=auth, json=sample_spec(**values))
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"].startswith(detail)
+    assert written() == (0, [])
+
+
+def test_operator_grants_queue_and_priority_per_tenant(
+    make_settings: Callable[..., Settings], sample_spec: Spec
+) -> None:
+    from service.api import create_app
+
+    granted = {"alice": {"max_priority": 10, "queues": ["bulk", "interactive"]}}
+    with TestClient(create_app(make_settings(tenants=granted))) as client:
+        alice = {"Authorization": f"Bearer {_key(client, 'alice')}"}
+        bob = {"Authorization": f"Bearer {_key(client, 'bob')}"}
+        spec = sample_spec(queue="interactive", priority=10)
+        assert client.post("/v1/jobs", headers=alice, json=spec).status_code == 201
+        assert client.post("/v1/jobs", headers=bob, json=spec).status_code == 422
+        too_high = sample_spec(priority=11)
+        assert client.post("/v1/jobs", headers=alice, json=too_high).status_code == 422
+
+
+def _key(client: TestClient, tenant: str) -> str:
+    from service.db import ApiKey
+    from service.db.keys import new_api_key
+    from service.jobs import tenant_id
+
+    ctx: Context = client.app.state.context  # type: ignore[attr-defined]
+    clear, prefix, key_hash = new_api_key()
+    with ctx.session() as session:
+        session.add(ApiKey(tenant_id=tenant_id(ctx, tenant), prefix=prefix, key_hash=key_hash))
+    return clear
