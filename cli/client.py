@@ -41,7 +41,7 @@ class JobClient(Protocol):
     def submit(
         self, spec: dict[str, Any], *, wait: bool = True, progress: Progress | None = None
     ) -> dict[str, Any]: ...
-    def get(self, job_id: str) -> dict[str, Any]: ...
+    def get(self, job_id: str, *, full: bool = False) -> dict[str, Any]: ...
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]: ...
     def cancel(self, job_id: str) -> dict[str, Any]: ...
     def pause(self, job_id: str) -> dict[str, Any]: ...
@@ -134,17 +134,17 @@ class EmbeddedClient:
             return self._dump(view)
         return self.run(view.id, progress=progress)
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str, *, full: bool = False) -> dict[str, Any]:
         from service import jobs
 
         with _job_errors():
-            return self._dump(jobs.get_job(self.ctx, self.tenant, job_id))
+            return self._dump(jobs.get_job(self.ctx, self.tenant, job_id, full=full))
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         from service import jobs
 
         with _job_errors():
-            views = jobs.list_jobs(self.ctx, self.tenant, state=state, limit=limit)
+            views, _ = jobs.list_jobs(self.ctx, self.tenant, state=state, limit=limit)
         return [self._dump(v) for v in views]
 
     def _control(self, verb: str, job_id: str) -> dict[str, Any]:
@@ -168,8 +168,14 @@ class EmbeddedClient:
     def outputs(self, job_id: str) -> list[dict[str, str]]:
         from service import jobs
 
+        out: list[dict[str, str]] = []
+        cursor = None
         with _job_errors():
-            return jobs.outputs(self.ctx, self.tenant, job_id)
+            while True:
+                page, cursor = jobs.outputs(self.ctx, self.tenant, job_id, cursor=cursor)
+                out += page
+                if cursor is None:
+                    return out
 
     def models(self) -> list[dict[str, Any]]:
         from service import jobs
@@ -311,8 +317,9 @@ class HttpClient:
         job: dict[str, Any] = self._call("POST", "/v1/jobs", json=spec)
         return job
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}")
+    def get(self, job_id: str, *, full: bool = False) -> dict[str, Any]:
+        params = {"view": "full"} if full else {}
+        job: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}", params=params)
         return job
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
@@ -341,10 +348,16 @@ class HttpClient:
         return self._control("retry", job_id)
 
     def outputs(self, job_id: str) -> list[dict[str, str]]:
-        out: list[dict[str, str]] = _unwrap(
-            self._call("GET", f"/v1/jobs/{job_id}/outputs"), "outputs", "data", "items"
-        )
-        return out
+        """Every output object, page by page."""
+        out: list[dict[str, str]] = []
+        params: dict[str, Any] = {}
+        while True:
+            body = self._call("GET", f"/v1/jobs/{job_id}/outputs", params=params)
+            out += _unwrap(body, "outputs", "data", "items")
+            cursor = body.get("next_cursor") if isinstance(body, dict) else None
+            if not cursor:
+                return out
+            params = {"cursor": cursor}
 
     def models(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = _unwrap(

@@ -270,7 +270,7 @@ def demo(
     sample_png = sample_sheet(_job_dir(sample_job), identities, per_identity, out / "samples.png")
     grid_png = pose_grid_sheet(
         _job_dir(grid_job),
-        grid_job["spec"],
+        grid_spec,
         inputs["sources"],
         height,
         width,

@@ -741,10 +741,14 @@ def _print_status(job: dict[str, Any]) -> None:
             console.print(f"[bold]{name:>9}[/]  {value}")
 
 
-def status(job_id: str = typer.Argument(..., metavar="JOB"), as_json: bool = _JSON) -> None:
+def status(
+    job_id: str = typer.Argument(..., metavar="JOB"),
+    as_json: bool = _JSON,
+    full: bool = typer.Option(False, "--full", help="With --json: include the job's spec."),
+) -> None:
     """A job's state, item counts, throughput, ETA and output location."""
     with _client() as client:
-        job = client.get(job_id)
+        job = client.get(job_id, full=full)
     if as_json:
         _echo_json(job)
     else:

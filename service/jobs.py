@@ -8,6 +8,7 @@ images) are written once to storage at submit.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import uuid
@@ -18,9 +19,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-from pydantic import BaseModel
-from sqlalchemy import Table, case, func, select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from pydantic import BaseModel, Field
+from sqlalchemy import Table, case, func, select, text, tuple_, update
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from service import metrics
 from service.db import (
@@ -35,7 +36,7 @@ from service.db import (
     session_factory,
     utcnow,
 )
-from service.errors import JobError
+from service.errors import JobError as JobError  # re-exported: callers import it from here
 from service.settings import Settings
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
@@ -229,10 +230,12 @@ class JobView(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    spec: dict[str, Any]
+    spec: dict[str, Any] | None = Field(
+        default=None, description="The job's spec: only in the full view (`?view=full`)."
+    )
 
 
-def _view(job: Job, running_items: int) -> JobView:
+def _view(job: Job, running_items: int, *, full: bool = False) -> JobView:
     rate = eta = None
     finished = job.done_items + job.failed_items
     if job.started_at is not None and finished:
@@ -259,17 +262,22 @@ def _view(job: Job, running_items: int) -> JobView:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
-        spec=job.spec,
+        spec=job.spec if full else None,
     )
 
 
 def _running_items(session: Session, job_id: str) -> int:
-    total = session.scalar(
-        select(func.coalesce(func.sum(Chunk.item_stop - Chunk.item_start), 0)).where(
-            Chunk.job_id == job_id, Chunk.state == ChunkState.RUNNING
-        )
-    )
-    return int(total or 0)
+    return _running_by_job(session, [job_id]).get(job_id, 0)
+
+
+def _running_by_job(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """Items in running chunks, per job: one query for a whole page of jobs."""
+    rows = session.execute(
+        select(Chunk.job_id, func.sum(Chunk.item_stop - Chunk.item_start))
+        .where(Chunk.job_id.in_(job_ids), Chunk.state == ChunkState.RUNNING)
+        .group_by(Chunk.job_id)
+    ).all()
+    return {job_id: int(total or 0) for job_id, total in rows}
 
 
 def _job(session: Session, tenant: int, job_id: str, *, lock: bool = False) -> Job:
@@ -282,21 +290,62 @@ def _job(session: Session, tenant: int, job_id: str, *, lock: bool = False) -> J
     return job
 
 
-def get_job(ctx: Context, tenant: int, job_id: str) -> JobView:
+def get_job(ctx: Context, tenant: int, job_id: str, *, full: bool = False) -> JobView:
+    """One job; its spec (up to the body limit) only when `full`."""
     with ctx.session() as session:
-        job = _job(session, tenant, job_id)
-        return _view(job, _running_items(session, job.id))
+        query = select(Job).where(Job.id == job_id, Job.tenant_id == tenant)
+        job = session.scalar(query if full else query.options(defer(Job.spec)))
+        if job is None:
+            raise JobError(404, f"job {job_id} not found")
+        return _view(job, _running_items(session, job.id), full=full)
+
+
+def _encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\n".join(parts).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str, count: int) -> list[str]:
+    try:
+        parts = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n")
+    except (ValueError, UnicodeDecodeError):
+        parts = []
+    if len(parts) != count:
+        raise JobError(422, "cursor: not a cursor this service returned")
+    return parts
 
 
 def list_jobs(
-    ctx: Context, tenant: int, *, state: str | None = None, limit: int = 50
-) -> list[JobView]:
+    ctx: Context,
+    tenant: int,
+    *,
+    state: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[JobView], str | None]:
+    """A page of this tenant's jobs, newest first (without specs), and the cursor of the next
+    page (None on the last)."""
+    query = select(Job).options(defer(Job.spec)).where(Job.tenant_id == tenant)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if cursor:
+        created, job_id = _decode_cursor(cursor, 2)
+        try:
+            after = datetime.fromisoformat(created)
+        except ValueError:
+            raise JobError(422, "cursor: not a cursor this service returned") from None
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after, job_id))
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     with ctx.session() as session:
-        query = select(Job).where(Job.tenant_id == tenant)
-        if state is not None:
-            query = query.where(Job.state == state)
-        jobs = session.scalars(query.order_by(Job.created_at.desc()).limit(limit)).all()
-        return [_view(job, _running_items(session, job.id)) for job in jobs]
+        found = session.scalars(query).all()
+        page = found[:limit]
+        running = _running_by_job(session, [job.id for job in page])
+        views = [_view(job, running.get(job.id, 0)) for job in page]
+    more = len(found) > limit
+    last = page[-1] if page else None
+    next_cursor = (
+        _encode_cursor(last.created_at.isoformat(), last.id) if more and last is not None else None
+    )
+    return views, next_cursor
 
 
 # ------------------------------------------------------------------------------------------------
@@ -569,14 +618,33 @@ def retry(ctx: Context, tenant: int, job_id: str) -> JobView:
     return get_job(ctx, tenant, job_id)
 
 
-def outputs(ctx: Context, tenant: int, job_id: str, expires_s: int = 3600) -> list[dict[str, str]]:
-    """Every output object of a job with a presigned (S3) or file:// URL."""
+def outputs(
+    ctx: Context,
+    tenant: int,
+    job_id: str,
+    expires_s: int = 3600,
+    *,
+    limit: int = 1000,
+    cursor: str | None = None,
+) -> tuple[list[dict[str, str]], str | None]:
+    """A page of a job's output objects, in key order, each with a presigned (S3) or file://
+    URL, and the cursor of the next page (None on the last)."""
     get_job(ctx, tenant, job_id)
+    if expires_s > ctx.settings.max_presign_seconds:
+        raise JobError(
+            422,
+            f"expires_in: {expires_s} s exceeds the limit of {ctx.settings.max_presign_seconds} s",
+        )
     prefix = job_prefix(job_id)
-    return [
+    after = prefix + _decode_cursor(cursor, 1)[0] if cursor else ""
+    keys = ctx.storage.page(prefix, limit + 1, start_after=after)
+    page = keys[:limit]
+    found = [
         {"key": key.removeprefix(prefix), "url": ctx.storage.presigned_url(key, expires_s)}
-        for key in ctx.storage.list(prefix)
+        for key in page
     ]
+    more = len(keys) > limit
+    return found, _encode_cursor(found[-1]["key"]) if more and found else None
 
 
 # ------------------------------------------------------------------------------------------------

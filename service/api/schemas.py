@@ -30,6 +30,9 @@ class ValidationErrorBody(ErrorBody):
 class JobList(BaseModel):
     data: list[JobView]
     count: int
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class OutputObject(BaseModel):
@@ -41,6 +44,9 @@ class OutputList(BaseModel):
     data: list[OutputObject]
     count: int
     expires_in: int = Field(description="Seconds the presigned URLs stay valid.")
+    next_cursor: str | None = Field(
+        default=None, description="Pass as `cursor` for the next page; null on the last page."
+    )
 
 
 class ModelView(BaseModel):
@@ -76,6 +82,6 @@ _DESCRIPTIONS = {
     409: "The job's state does not allow this action",
     413: "Request body too large",
     422: "Invalid job spec or parameter (the message names the field)",
-    429: "Too many active jobs for this tenant",
+    429: "Too many active jobs (or event streams) for this tenant",
     503: "Database or storage unavailable",
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Path, Query, Response, status
@@ -74,22 +74,38 @@ def submit_job(ctx: ContextDep, tenant: TenantDep, spec: JobSpec, response: Resp
     return view
 
 
+Cursor = Annotated[
+    str | None, Query(max_length=500, description="`next_cursor` of the previous page.")
+]
+PageSize = Annotated[int, Query(ge=1, le=1000, description="At most this many per page.")]
+ViewName = Annotated[
+    Literal["basic", "full"], Query(description="`full` adds the job's spec (up to 1 MB).")
+]
+
+
 @router.get("", response_model=JobList)
 def list_jobs(
     ctx: ContextDep,
     tenant: TenantDep,
     state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many.")] = 50,
+    limit: PageSize = 50,
+    cursor: Cursor = None,
 ) -> JobList:
-    """List this tenant's jobs, newest first."""
-    found = jobs.list_jobs(ctx, tenant, state=state, limit=limit)
-    return JobList(data=found, count=len(found))
+    """A page of this tenant's jobs, newest first, without their specs."""
+    found, next_cursor = jobs.list_jobs(ctx, tenant, state=state, limit=limit, cursor=cursor)
+    return JobList(data=found, count=len(found), next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobView, responses=error_responses(404))
-def get_job(ctx: ContextDep, tenant: TenantDep, job_id: JobId) -> JobView:
-    """One job: state, item counts, throughput, ETA and output URI."""
-    return jobs.get_job(ctx, tenant, _checked_id(job_id))
+@router.get(
+    "/{job_id}",
+    response_model=JobView,
+    response_model_exclude_none=False,
+    responses=error_responses(404),
+)
+def get_job(ctx: ContextDep, tenant: TenantDep, job_id: JobId, view: ViewName = "basic") -> JobView:
+    """One job: state, item counts, throughput, ETA and output URI (and its spec with
+    `view=full`)."""
+    return jobs.get_job(ctx, tenant, _checked_id(job_id), full=view == "full")
 
 
 @router.post("/{job_id}:cancel", response_model=JobView, responses=error_responses(404, 409))
@@ -124,11 +140,18 @@ def job_outputs(
     expires_in: Annotated[
         int, Query(ge=1, le=MAX_PRESIGN_SECONDS, description="URL lifetime in seconds.")
     ] = 3600,
+    limit: PageSize = 1000,
+    cursor: Cursor = None,
 ) -> OutputList:
-    """Every output object of the job with a presigned GET URL."""
-    found = jobs.outputs(ctx, tenant, _checked_id(job_id), expires_s=expires_in)
+    """A page of the job's output objects, in key order, each with a presigned GET URL."""
+    found, next_cursor = jobs.outputs(
+        ctx, tenant, _checked_id(job_id), expires_s=expires_in, limit=limit, cursor=cursor
+    )
     return OutputList(
-        data=[OutputObject(**item) for item in found], count=len(found), expires_in=expires_in
+        data=[OutputObject(**item) for item in found],
+        count=len(found),
+        expires_in=expires_in,
+        next_cursor=next_cursor,
     )
 
 

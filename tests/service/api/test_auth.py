@@ -41,7 +41,7 @@ def test_bad_key_is_401(client: TestClient, header: str | None) -> None:
 def test_valid_key(client: TestClient, auth: Headers) -> None:
     response = client.get("/v1/jobs", headers=auth)
     assert response.status_code == 200
-    assert response.json() == {"data": [], "count": 0}
+    assert response.json() == {"data": [], "count": 0, "next_cursor": None}
     key = auth["Authorization"].split()[1]
     assert client.get("/v1/jobs", headers={"Authorization": f"bearer {key}"}).status_code == 200
 

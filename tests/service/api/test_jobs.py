@@ -28,12 +28,15 @@ def test_submit_get_list(client: TestClient, auth: Headers, sample_spec: Spec) -
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["state"] == "queued" and job["kind"] == "sample" and job["model"] == "default"
     assert job["total_items"] == 4 and job["done_items"] == 0 and job["running_items"] == 0
-    assert job["spec"]["seed"] == 7 and job["spec"]["chunk_size"] == 2
+    assert job["spec"] is None  # the spec only in the full view
     assert job["output_uri"].endswith(f"/jobs/{job['id']}/")
 
     fetched = client.get(f"/v1/jobs/{job['id']}", headers=auth)
     assert fetched.status_code == 200
     assert fetched.json() == job
+    full = client.get(f"/v1/jobs/{job['id']}?view=full", headers=auth).json()
+    assert full["spec"]["seed"] == 7 and full["spec"]["chunk_size"] == 2
+    assert full == {**job, "spec": full["spec"]}
 
     second = submit(client, auth, sample_spec(count=2))
     listed = client.get("/v1/jobs", headers=auth).json()
@@ -149,3 +152,23 @@ def test_models(client: TestClient, auth: Headers) -> None:
     default = body["data"][0]
     assert default["name"] == "default" and len(default["weights_sha256"]) == 64
     assert "path" not in default  # server paths are not shown to tenants
+
+
+def test_list_pages_with_a_cursor_and_leaves_specs_out(
+    client: TestClient, auth: Headers, sample_spec: Spec
+) -> None:
+    made = [submit(client, auth, sample_spec(seed=k))["id"] for k in range(5)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = "/v1/jobs?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(query, headers=auth).json()
+        assert all(job["spec"] is None for job in page["data"])
+        seen += [job["id"] for job in page["data"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == made[::-1]  # newest first, each once
+    bad = client.get("/v1/jobs?cursor=garbage", headers=auth)
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("cursor: ")

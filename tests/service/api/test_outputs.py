@@ -176,3 +176,36 @@ def test_s3_outputs_are_presigned(
     assert httpx.get(url.split("?")[0], timeout=10).status_code == 403
     other = url.replace("job.json", "_SUCCESS")
     assert httpx.get(other, timeout=10).status_code == 403
+    # pages: every object once, in pages of at most `limit`
+    keys, cursor = [], None
+    while True:
+        query = f"/v1/jobs/{job_id}/outputs?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        page = client.get(query, headers=auth).json()
+        assert page["count"] <= 2
+        keys += [o["key"] for o in page["data"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert sorted(keys) == sorted(by_key)
+
+
+def test_outputs_are_paged_and_url_lifetime_capped(
+    client: TestClient, ctx: Context, auth: Headers, sample_spec: Spec
+) -> None:
+    job_id = _submit(client, auth, sample_spec())
+    for k in range(5):
+        ctx.storage.put_bytes(f"jobs/{job_id}/shards/{k:06d}.tar", b"t")
+    first = client.get(f"/v1/jobs/{job_id}/outputs?limit=4", headers=auth).json()
+    assert [o["key"] for o in first["data"]] == [
+        "job.json",
+        "shards/000000.tar",
+        "shards/000001.tar",
+        "shards/000002.tar",
+    ]
+    rest = client.get(
+        f"/v1/jobs/{job_id}/outputs?limit=4&cursor={first['next_cursor']}", headers=auth
+    ).json()
+    assert [o["key"] for o in rest["data"]] == ["shards/000003.tar", "shards/000004.tar"]
+    assert rest["next_cursor"] is None
+    week = client.get(f"/v1/jobs/{job_id}/outputs?expires_in=604800", headers=auth)
+    assert week.status_code == 422
+    assert week.json()["detail"] == "expires_in: 604800 s exceeds the limit of 86400 s"
