@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
-from service.api.deps import ContextDep, TenantDep
+from service.api.deps import ContextDep, TenantDep, bearer, lookup_tenant
 from service.api.schemas import ErrorBody, JobList, OutputList, OutputObject, error_responses
 from service.db import TERMINAL_JOB_STATES, JobState
 from service.jobs import Context, JobError, JobView
@@ -159,7 +160,51 @@ def _event(name: str, data: str) -> str:
     return f"event: {name}\ndata: {data}\n\n"
 
 
-async def _progress(ctx: Context, tenant: int, job_id: str, view: JobView) -> AsyncIterator[str]:
+class StreamSlots:
+    """Open event streams per tenant in this API process, against `max_event_streams_per_tenant`
+    (streams run on the event loop, so plain counting is race-free)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[int, int] = {}
+
+    def take(self, tenant: int) -> None:
+        if self.open.get(tenant, 0) >= self.limit:
+            raise JobError(
+                429,
+                f"events: {self.limit} event streams are already open for this tenant (the limit)",
+            )
+        self.open[tenant] = self.open.get(tenant, 0) + 1
+
+    def give_back(self, tenant: int) -> None:
+        self.open[tenant] -= 1
+        if not self.open[tenant]:
+            del self.open[tenant]
+
+
+def _slots(request: Request) -> StreamSlots:
+    state = request.app.state
+    if getattr(state, "stream_slots", None) is None:
+        state.stream_slots = StreamSlots(state.settings.max_event_streams_per_tenant)
+    slots: StreamSlots = state.stream_slots
+    return slots
+
+
+async def _progress(
+    ctx: Context, tenant: int, key: str, job_id: str, view: JobView, slots: StreamSlots
+) -> AsyncIterator[str]:
+    try:
+        async for event in _progress_events(ctx, tenant, key, job_id, view):
+            yield event
+    finally:
+        slots.give_back(tenant)
+
+
+async def _progress_events(
+    ctx: Context, tenant: int, key: str, job_id: str, view: JobView
+) -> AsyncIterator[str]:
+    """The job's view (counts and state, never the spec) each time it changes; the stream ends
+    at a terminal state, or when the key that opened it is revoked."""
     yield f"retry: {EVENT_RETRY_MS}\n\n"
     last, quiet = "", 0.0
     while True:
@@ -175,6 +220,9 @@ async def _progress(ctx: Context, tenant: int, job_id: str, view: JobView) -> As
         await anyio.sleep(EVENT_POLL_S)
         quiet += EVENT_POLL_S
         try:
+            if await run_in_threadpool(lookup_tenant, ctx, key) != tenant:
+                yield _event("error", ErrorBody(detail="API key revoked").model_dump_json())
+                return
             view = await run_in_threadpool(jobs.get_job, ctx, tenant, job_id)
         except (JobError, SQLAlchemyError) as exc:
             message = exc.message if isinstance(exc, JobError) else "database unavailable"
@@ -187,18 +235,28 @@ async def _progress(ctx: Context, tenant: int, job_id: str, view: JobView) -> As
     response_class=StreamingResponse,
     responses={
         200: {
-            "description": "`text/event-stream`: a `progress` event (the job as JSON) whenever "
-            "it changes, ending after a terminal state.",
+            "description": "`text/event-stream`: a `progress` event (the job's counts and state "
+            "as JSON, without its spec) whenever it changes, ending after a terminal state or "
+            "when the API key is revoked.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
-        **error_responses(404),
+        **error_responses(404, 429),
     },
 )
-async def job_events(ctx: ContextDep, tenant: TenantDep, job_id: JobId) -> StreamingResponse:
+async def job_events(
+    ctx: ContextDep,
+    tenant: TenantDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    request: Request,
+    job_id: JobId,
+) -> StreamingResponse:
     """Server-sent progress events until the job is completed, failed or cancelled."""
     view = await run_in_threadpool(jobs.get_job, ctx, tenant, _checked_id(job_id))
+    assert credentials is not None  # TenantDep has refused requests without a key
+    slots = _slots(request)
+    slots.take(tenant)
     return StreamingResponse(
-        _progress(ctx, tenant, job_id, view),
+        _progress(ctx, tenant, credentials.credentials, job_id, view, slots),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

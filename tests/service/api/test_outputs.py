@@ -14,10 +14,11 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from service import jobs
 from service.api import create_app
-from service.db import ApiKey
+from service.db import ApiKey, utcnow
 from service.db.keys import new_api_key
 from service.executor import PipelineCache
 from service.jobs import Context
@@ -133,6 +134,66 @@ def test_events_end_on_cancel(client: TestClient, auth: Headers, sample_spec: Sp
     # "cancelling" shows when a poll falls between the cancel and its finalisation
     assert states[0] == "queued" and states[-1] == "cancelled"
     assert set(states) <= {"queued", "cancelling", "cancelled"}
+
+
+def test_events_end_when_the_key_is_revoked(
+    client: TestClient, ctx: Context, auth: Headers, sample_spec: Spec
+) -> None:
+    job_id = _submit(client, auth, sample_spec())
+    answer: dict[str, str] = {}
+    reader = threading.Thread(
+        target=lambda: answer.update(
+            text=client.get(f"/v1/jobs/{job_id}/events", headers=auth).text
+        )
+    )
+    reader.start()
+    time.sleep(1.0)
+    with ctx.session() as session:
+        session.execute(update(ApiKey).values(revoked_at=utcnow()))
+    reader.join(timeout=10)
+    ended = not reader.is_alive()
+    if not ended:  # end the stream for the old code, then report
+        jobs.cancel(ctx, jobs.job_row(ctx, job_id).tenant_id, job_id)
+        reader.join(timeout=10)
+    assert ended, "the stream outlived its key"
+    events = _events(answer["text"])
+    assert events[0][0] == "progress" and events[0][1]["spec"] is None
+    assert events[-1] == ("error", {"detail": "API key revoked"})
+
+
+def test_event_streams_are_capped_per_tenant(
+    make_settings: Callable[..., Settings], sample_spec: Spec
+) -> None:
+    with TestClient(create_app(make_settings(max_event_streams_per_tenant=1))) as client:
+        ctx: Context = client.app.state.context  # type: ignore[attr-defined]
+        keys = {}
+        for name in ("alice", "bob"):
+            clear, prefix, key_hash = new_api_key()
+            with ctx.session() as session:
+                tid = jobs.tenant_id(ctx, name)
+                session.add(ApiKey(tenant_id=tid, prefix=prefix, key_hash=key_hash))
+            keys[name] = {"Authorization": f"Bearer {clear}"}
+        alice_job = _submit(client, keys["alice"], sample_spec())
+        bob_job = _submit(client, keys["bob"], sample_spec())
+        reader = threading.Thread(
+            target=lambda: client.get(f"/v1/jobs/{alice_job}/events", headers=keys["alice"])
+        )
+        reader.start()
+        time.sleep(1.0)
+        try:
+            second = client.get(f"/v1/jobs/{alice_job}/events", headers=keys["alice"])
+            assert second.status_code == 429, second.text
+            assert second.json()["detail"].startswith("events: 1 event streams are already open")
+            # another tenant's streams are counted apart; a finished job's stream is one event
+            client.post(f"/v1/jobs/{bob_job}:cancel", headers=keys["bob"])
+            bobs = client.get(f"/v1/jobs/{bob_job}/events", headers=keys["bob"])
+            assert bobs.status_code == 200
+        finally:
+            client.post(f"/v1/jobs/{alice_job}:cancel", headers=keys["alice"])
+            reader.join(timeout=10)
+        # the slot is given back when the stream ends
+        again = client.get(f"/v1/jobs/{alice_job}/events", headers=keys["alice"])
+        assert again.status_code == 200
 
 
 @pytest.fixture
