@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,7 @@ from service.jobs import (
     renew_lease,
     resolve_model,
 )
+from service.settings import Settings
 from service.shards import ShardWriter
 from service.specs import ImageRef, JobSpec, parse_spec
 from service.storage import parse_source_uri, storage_from_url
@@ -103,17 +104,44 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
     """The bytes of one source object (a local path, file:// or s3:// URI)."""
     allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
     location = parse_source_uri(uri, allowed, field=field)
+    limit = ctx.settings.max_source_bytes
     if location.storage_url.startswith("file://"):
-        return Path(location.storage_url.removeprefix("file://"), location.prefix).read_bytes()
-    storage = storage_from_url(location.storage_url, ctx.settings)
-    return storage.get_bytes(location.prefix.rstrip("/"))
+        path = Path(location.storage_url.removeprefix("file://"), location.prefix)
+        handle: BinaryIO = path.open("rb")
+    else:
+        storage = storage_from_url(location.storage_url, ctx.settings)
+        handle = storage.open_read(location.prefix.rstrip("/"))
+    with handle:
+        data = handle.read(limit + 1)  # never more than the cap, whatever the object's size
+    if len(data) > limit:
+        raise SourceTooLarge(f"larger than {limit} bytes (max_source_bytes)")
+    return data
 
 
-def _decode_person(data: bytes, keypoints: Any, label: str, pipe: Any) -> tuple[Any, Any]:
-    """Image bytes + keypoints in its pixels (or None: estimated) → model-frame tensors."""
+class SourceTooLarge(ValueError):
+    """A source object over `max_source_bytes`: its items fail with this reason."""
+
+
+def _decode_person(
+    data: bytes, keypoints: Any, label: str, pipe: Any, settings: Settings
+) -> tuple[Any, Any]:
+    """Image bytes + keypoints in its pixels (or None: estimated) → model-frame tensors.
+    Only `source_formats` up to `max_source_pixels` are decoded (the header is read first)."""
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            if opened.format not in settings.source_formats:
+                raise ItemError(
+                    f"{label}: image format {opened.format} is not accepted "
+                    f"(accepted: {', '.join(settings.source_formats)})"
+                )
+            if opened.width * opened.height > settings.max_source_pixels:
+                raise ItemError(
+                    f"{label}: {opened.width}x{opened.height} image exceeds "
+                    f"{settings.max_source_pixels} pixels (max_source_pixels)"
+                )
             image = opened.convert("RGB")
+    except ItemError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any decoder error is this item's failure
         raise ItemError(f"{label}: unreadable image ({exc})") from None
     if keypoints is None:
@@ -162,7 +190,7 @@ class _People:
             data = read_uri(self.ctx, ref.uri)
         except Exception as exc:  # noqa: BLE001 - a missing source fails its items
             raise ItemError(f"{ref.uri}: {exc}") from None
-        return _decode_person(data, ref.keypoints, ref.uri, self.pipe)
+        return _decode_person(data, ref.keypoints, ref.uri, self.pipe, self.ctx.settings)
 
     def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:
         """Factors (one person) or the ItemError of each ref. New people are encoded together,

@@ -297,4 +297,41 @@ def test_too_many_chunks_are_refused_before_anything_is_written(ctx: Context) ->
     ctx.settings.max_chunks_per_job = 10
     with pytest.raises(JobError, match="chunk_size: 11 items in chunks of 1 make 11 chunks"):
         submit(ctx, tenant, parse_spec({"kind": "sample", "count": 11, "chunk_size": 1}))
-    assert list_jobs(ctx, tenant) == [] and ctx.storage.list("jobs/") == []
+    assert list_jobs(ctx, tenant) == ([], None) and ctx.storage.list("jobs/") == []
+
+
+def test_oversized_huge_and_unlisted_format_sources_fail_their_items(
+    pipes: PipelineCache, people: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    ctx = open_context(
+        Settings.from_values(
+            home=tmp_path / "home", max_source_bytes=100_000, max_source_pixels=1_000_000
+        ),
+        embedded=True,
+    )
+    folder, keypoints = people
+    names = sorted(keypoints)
+    good = {"uri": str(folder / names[0]), "keypoints": keypoints[names[0]]}
+    huge = tmp_path / "huge.png"  # a few KB on disk, 25 megapixels decoded
+    Image.new("L", (5000, 5000)).save(huge, optimize=True)
+    gif = tmp_path / "person.gif"
+    Image.open(folder / names[0]).convert("RGB").save(gif, format="GIF")
+    big = tmp_path / "big.png"
+    big.write_bytes((folder / names[0]).read_bytes() + b"\0" * 100_000)
+    bad = [huge, gif, big]
+    items = [{"fg": good, "bg": good, "pose": good}] + [
+        {"fg": {"uri": str(p), "keypoints": keypoints[names[0]]}, "bg": good, "pose": good}
+        for p in bad
+    ]
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, parse_spec({"kind": "swap", "chunk_size": 4, "items": items}))
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (1, 3)
+    errors = {
+        json.loads(line)["item"]: json.loads(line)["error"]
+        for line in (_out(ctx, job.id) / "errors.jsonl").read_text().splitlines()
+    }
+    assert "5000x5000 image exceeds 1000000 pixels (max_source_pixels)" in errors[1]
+    assert "image format GIF is not accepted" in errors[2]
+    assert "larger than 100000 bytes (max_source_bytes)" in errors[3]
