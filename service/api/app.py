@@ -127,7 +127,8 @@ async def _job_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _storage_error(_request: Request, exc: Exception) -> JSONResponse:
     log.warning("storage error: %s", exc)
-    return JSONResponse({"detail": f"storage unavailable: {exc}"}, status_code=503)
+    # the message names buckets and endpoints: for the operator's log, not the tenant
+    return JSONResponse({"detail": "storage unavailable, try again"}, status_code=503)
 
 
 async def _database_down(_request: Request, exc: Exception) -> JSONResponse:

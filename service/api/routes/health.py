@@ -63,8 +63,9 @@ async def _run_check(check: Callable[[], str]) -> str:
         try:
             return await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
-            first_line = (str(exc).splitlines() or [""])[0][:300]
-            return f"error: {type(exc).__name__}: {first_line}"
+            # unauthenticated: the kind of failure only; the message (hosts, buckets) is logged
+            log.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
+            return f"error: {type(exc).__name__}"
     return f"error: no answer within {READY_TIMEOUT_S:g} s"
 
 

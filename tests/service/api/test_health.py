@@ -15,8 +15,9 @@ from sqlalchemy.exc import OperationalError
 
 from service.api import app as app_module
 from service.api import create_app
-from service.db import make_engine
-from service.jobs import HEAD_REVISION
+from service.db import ApiKey, make_engine
+from service.db.keys import new_api_key
+from service.jobs import HEAD_REVISION, tenant_id
 from service.settings import Settings
 
 BAD_DATABASE = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere?connect_timeout=2"
@@ -42,7 +43,7 @@ def test_database_down(tmp_path: Path) -> None:
         assert response.status_code == 503
         body = response.json()
         assert body["status"] == "unavailable"
-        assert body["checks"]["database"].startswith("error: OperationalError")
+        assert body["checks"]["database"] == "error: OperationalError"  # no host, no message
         assert body["checks"]["storage"] == "ok"
         api = client.get("/v1/jobs", headers={"Authorization": "Bearer " + "k" * 43})
         assert api.status_code == 503
@@ -62,6 +63,17 @@ def test_storage_down(make_settings: Callable[..., Settings]) -> None:
         assert response.status_code == 503
         checks = response.json()["checks"]
         assert checks["database"] == "ok" and checks["storage"].startswith("error: ")
+        assert "nowhere-bucket" not in response.text and "127.0.0.1" not in response.text
+        # and tenants' 503s name neither bucket nor endpoint
+        ctx = client.app.state.context  # type: ignore[attr-defined]
+        clear, prefix, key_hash = new_api_key()
+        with ctx.session() as session:
+            tid = tenant_id(ctx, "alice")
+            session.add(ApiKey(tenant_id=tid, prefix=prefix, key_hash=key_hash))
+        auth = {"Authorization": f"Bearer {clear}"}
+        submitted = client.post("/v1/jobs", headers=auth, json={"kind": "sample", "count": 1})
+        assert submitted.status_code == 503
+        assert submitted.json() == {"detail": "storage unavailable, try again"}
 
 
 @pytest.fixture
