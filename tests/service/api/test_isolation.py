@@ -191,3 +191,49 @@ def test_listing_shows_only_own_jobs(
 ) -> None:
     listed = client.get("/v1/jobs", headers=auth).json()
     assert [job["id"] for job in listed["data"]] == [world["alice"]]
+
+
+def test_listing_is_capped_and_stops_early(
+    make_settings: Callable[..., Settings],
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    from service.api import create_app
+    from service.db import ApiKey
+    from service.db.keys import new_api_key
+    from service.jobs import read_sources, tenant_id
+
+    s3 = s3_server.client()
+    for k in range(6):
+        s3.put_object(Bucket=s3_bucket, Key=f"alice/many/{k}.png", Body=PNG)
+    for k in range(6):
+        s3.put_object(Bucket=s3_bucket, Key=f"alice/noise/{k}.txt", Body=b"x")
+    base = s3_server.settings(tmp_path / "home")
+    settings = make_settings(
+        storage_url=f"s3://{s3_bucket}/out",
+        s3_endpoint_url=base.s3_endpoint_url,
+        aws_access_key_id=base.aws_access_key_id,
+        aws_secret_access_key=base.aws_secret_access_key,
+        tenants={"alice": {"source_prefixes": [f"s3://{s3_bucket}/alice"]}},
+        max_source_images=4,
+        max_listed_objects=5,
+    )
+    with TestClient(create_app(settings)) as client:
+        ctx = client.app.state.context  # type: ignore[attr-defined]
+        clear, prefix, key_hash = new_api_key()
+        with ctx.session() as session:
+            session.add(ApiKey(tenant_id=tenant_id(ctx, "alice"), prefix=prefix, key_hash=key_hash))
+        auth = {"Authorization": f"Bearer {clear}"}
+        many = _grid(f"s3://{s3_bucket}/alice/many/")
+        response = client.post("/v1/jobs", headers=auth, json=many)
+        assert response.status_code == 422
+        assert response.json()["detail"].startswith("images: more than 4 images under")
+        noise = client.post("/v1/jobs", headers=auth, json=_grid(f"s3://{s3_bucket}/alice/noise/"))
+        assert noise.status_code == 422
+        assert "more than 5 objects under" in noise.json()["detail"]
+        assert ctx.storage.list("jobs/") == []
+        # max_sources: the listing stops after the first images
+        first = client.post("/v1/jobs", headers=auth, json={**many, "max_sources": 2})
+        assert first.status_code == 201, first.text
+        assert read_sources(ctx, first.json()["id"]) == ["0.png", "1.png"]

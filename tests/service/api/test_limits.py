@@ -213,3 +213,24 @@ def _key(client: TestClient, tenant: str) -> str:
     with ctx.session() as session:
         session.add(ApiKey(tenant_id=tenant_id(ctx, tenant), prefix=prefix, key_hash=key_hash))
     return clear
+
+
+def test_quota_is_checked_before_sources_are_listed(
+    make_settings: Callable[..., Settings], sample_spec: Spec
+) -> None:
+    """A tenant at its quota gets 429 at once: no listing of a (slow, huge) source prefix."""
+    from service.api import create_app
+
+    settings = make_settings(
+        max_active_jobs=1,
+        allowed_source_prefixes=["s3://photos"],
+        s3_endpoint_url="http://127.0.0.1:9",
+        s3_max_attempts=1,
+    )
+    pose = {"keypoints": [[10.0 + k, 10.0, 1.0] for k in range(18)], "height": 128, "width": 64}
+    grid = {"kind": "pose_grid", "images": "s3://photos/people/", "poses": [pose]}
+    with TestClient(create_app(settings)) as client:
+        auth = {"Authorization": f"Bearer {_key(client, 'alice')}"}
+        assert client.post("/v1/jobs", headers=auth, json=sample_spec()).status_code == 201
+        response = client.post("/v1/jobs", headers=auth, json=grid)
+        assert response.status_code == 429, response.text
