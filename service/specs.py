@@ -16,6 +16,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 NUM_KEYPOINTS = 18
+# No accepted format has a side this long (JPEG's limit); a point beyond it is in no image's frame.
+MAX_IMAGE_SIDE = 65_535
 Layout = Literal["webdataset", "files"]
 QueueName = Literal["interactive", "bulk"]
 
@@ -37,6 +39,11 @@ def check_keypoints(value: list[list[float]]) -> list[list[float]]:
             raise ValueError(f"keypoint {k} is not finite: {point}")
         if point[2] > 0 and (point[0] < 0 or point[1] < 0):
             raise ValueError(f"keypoint {k} lies outside the image: {point[:2]}")
+        if point[2] > 0 and max(point[0], point[1]) >= MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"keypoint {k} lies outside any accepted image frame (sides below "
+                f"{MAX_IMAGE_SIDE} pixels): {point[:2]}"
+            )
     return value
 
 

@@ -32,6 +32,10 @@ def _ref(uri: str = "s3://photos/a.jpg") -> dict[str, Any]:
     return {"uri": uri, "keypoints": _keypoints()}
 
 
+def _ref_at(point: list[float]) -> dict[str, Any]:
+    return {"uri": "s3://photos/a.jpg", "keypoints": _with_point(point)}
+
+
 def _swap(**item: Any) -> dict[str, Any]:
     return {"kind": "swap", "items": [{"fg": _ref(), "pose": _ref(), **item}]}
 
@@ -64,6 +68,11 @@ CASES: list[tuple[str, Any, int, list[str]]] = [
      ["poses.0", "keypoint 3", "outside the 128x64 frame"]),
     ("pose-out-of-frame-col", _grid(poses=[_pose(keypoints=_with_point([1.0, 64.0, 1.0]))]), 422,
      ["poses.0", "outside the 128x64 frame"]),
+    ("ref-keypoint-1e39", _swap(fg=_ref_at([1e39, 5.0, 1.0])), 422,
+     ["items.0.fg.keypoints", "keypoint 3 lies outside any accepted image frame"]),
+    ("grid-source-keypoint-huge",
+     _grid(source_keypoints={"a.jpg": _with_point([5.0, 70000.0, 1.0])}), 422,
+     ["source_keypoints", "a.jpg: keypoint 3 lies outside any accepted image frame"]),
     ("pose-negative", _grid(poses=[_pose(keypoints=_with_point([-1.0, 5.0, 1.0]))]), 422,
      ["poses.0.keypoints", "outside the image"]),
     ("pose-zero-height", _grid(poses=[_pose(height=0)]), 422, ["poses.0.height", "greater than"]),
