@@ -98,11 +98,12 @@ class TenantScope:
 
 def check_request(settings: Settings, tenant: Tenant, spec: JobSpec, *, embedded: bool) -> int:
     """Queue, priority and chunk size against the operator's limits; returns the chunk size."""
-    chunk_size = spec.chunk_size or settings.chunk_size
-    if chunk_size > settings.max_chunk_size:
+    # the operator's own default (DPIG_CHUNK_SIZE) is trusted; a tenant's request is capped
+    if spec.chunk_size is not None and spec.chunk_size > settings.max_chunk_size:
         raise JobError(
-            422, f"chunk_size: {chunk_size} exceeds the limit of {settings.max_chunk_size}"
+            422, f"chunk_size: {spec.chunk_size} exceeds the limit of {settings.max_chunk_size}"
         )
+    chunk_size = spec.chunk_size or settings.chunk_size
     if embedded:  # one local user: nobody to be fair to
         return chunk_size
     queues = settings.queues(tenant.name)
