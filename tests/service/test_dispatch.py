@@ -59,6 +59,9 @@ def ctx(dispatch_database: str, tmp_path: Path) -> Iterator[Context]:
         storage_url=(tmp_path / "outputs").as_uri(),
         max_attempts=MAX_ATTEMPTS,
         lease_seconds=300,
+        # these tests rank jobs by queue and priority: the operator allows every tenant both
+        default_queues=["bulk", "interactive"],
+        default_max_priority=100,
     )
     context = open_context(settings, embedded=False, migrate=False)
     yield context
