@@ -306,6 +306,8 @@ class LocalStack:
             "DPIG_DATABASE_URL": self.database_url,
             "DPIG_BROKER_URL": self.broker_url,
             "DPIG_STORAGE_URL": self.storage_url,
+            # the stack's shared source datasets (tenants never read each other's outputs)
+            "DPIG_ALLOWED_SOURCE_PREFIXES": f"s3://{BUCKET}/sources",
             "DPIG_S3_ENDPOINT_URL": self.s3_endpoint_url,
             "DPIG_S3_REGION": REGION,
             "DPIG_AWS_ACCESS_KEY_ID": ACCESS_KEY,

@@ -204,3 +204,19 @@ def test_normalize_location_relative_path(env: pytest.MonkeyPatch) -> None:
     assert normalize_location("out", field="x") == (Path.cwd() / "out").as_uri()
     with pytest.raises(ValueError, match="^x: empty"):
         normalize_location("  ", field="x")
+
+
+def test_tenant_policies_from_env(env: pytest.MonkeyPatch) -> None:
+    env.setenv(
+        "DPIG_TENANTS",
+        '{"acme": {"source_prefixes": ["s3://acme/in/"], "queues": ["bulk", "interactive"],'
+        ' "max_priority": 10}}',
+    )
+    env.setenv("DPIG_DEFAULT_QUEUES", "bulk")
+    s = Settings()
+    assert s.policy("acme").source_prefixes == ["s3://acme/in"]
+    assert (s.queues("acme"), s.max_priority("acme")) == (["bulk", "interactive"], 10)
+    assert (s.queues("other"), s.max_priority("other")) == (["bulk"], 0)
+    env.setenv("DPIG_TENANTS", '{"acme": {"queues": ["fast"]}}')
+    with pytest.raises(ValidationError):
+        Settings()
