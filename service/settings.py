@@ -167,7 +167,6 @@ class Settings(BaseSettings):
     )
     max_event_streams_per_tenant: int = Field(default=8, ge=1)
     max_presign_seconds: int = Field(default=86_400, ge=1, le=7 * 24 * 3600)
-    max_page_size: int = Field(default=1000, ge=1)
     # A chunk is a row, a shard and a task: a cap keeps one request from writing millions of them.
     max_chunks_per_job: int = Field(default=100_000, ge=1)
 
@@ -200,6 +199,11 @@ class Settings(BaseSettings):
     @classmethod
     def _source_locations(cls, value: list[str], info: ValidationInfo) -> list[str]:
         return [normalize_location(item, field=str(info.field_name)) for item in value]
+
+    @field_validator("source_formats", mode="after")
+    @classmethod
+    def _format_names(cls, value: list[str]) -> list[str]:
+        return [name.upper() for name in value]  # PIL's names: PNG, JPEG, WEBP, BMP
 
     @field_validator("model_dirs", mode="after")
     @classmethod

@@ -37,6 +37,7 @@ else:
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageSource",
+    "is_within",
     "ListingTooLarge",
     "LocalStorage",
     "NotFound",
@@ -493,7 +494,8 @@ class SourceLocation:
     prefix: str
 
 
-def _within(child: str, parent: str) -> bool:
+def is_within(child: str, parent: str) -> bool:
+    """Whether location ``child`` is ``parent`` or lies under it (whole path segments)."""
     return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
@@ -539,7 +541,7 @@ def parse_source_uri(
         Path(unquote(urlsplit(p).path)).resolve().as_uri() if p.startswith("file:") else p
         for p in allowed
     ]
-    if not any(_within(canonical, parent) for parent in allowed):
+    if not any(is_within(canonical, parent) for parent in allowed):
         shown = ", ".join(allowed) or "none configured"
         raise ValueError(
             f"{field}: {uri!r} is outside the allowed source prefixes ({shown}); "

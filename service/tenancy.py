@@ -20,7 +20,7 @@ from service.db import Job, Tenant
 from service.errors import JobError
 from service.settings import Settings
 from service.specs import JobSpec
-from service.storage import SourceLocation, parse_source_uri
+from service.storage import SourceLocation, is_within, parse_source_uri
 
 __all__ = ["TenantScope", "check_request", "quota"]
 
@@ -32,10 +32,6 @@ def _resolved(location: str) -> str:
     if location.startswith("file:"):
         return Path(unquote(urlsplit(location).path)).resolve().as_uri()
     return location
-
-
-def _within(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip("/") + "/")
 
 
 class TenantScope:
@@ -79,9 +75,9 @@ class TenantScope:
             raise JobError(422, str(exc)) from None
         if self.embedded:
             return location
-        if _within(self._store, location.uri):  # a listing here would cover every tenant
+        if is_within(self._store, location.uri):  # a listing here would cover every tenant
             raise self._in_store(uri, field)
-        if _within(location.uri, self._store):
+        if is_within(location.uri, self._store):
             parts = location.uri[len(self._store) :].strip("/").split("/")
             if len(parts) < 2 or parts[0] != "jobs" or not self._owns(parts[1]):
                 raise self._in_store(uri, field)
