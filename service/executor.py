@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image
@@ -106,7 +107,8 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
     location = parse_source_uri(uri, allowed, field=field)
     limit = ctx.settings.max_source_bytes
     if location.storage_url.startswith("file://"):
-        path = Path(location.storage_url.removeprefix("file://"), location.prefix)
+        # the canonical file:// URI is percent-encoded (spaces, '#', '%', non-ASCII)
+        path = Path(unquote(urlsplit(location.storage_url).path), location.prefix)
         handle: BinaryIO = path.open("rb")
     else:
         storage = storage_from_url(location.storage_url, ctx.settings)

@@ -372,6 +372,11 @@ def _sources(ctx: Context, location: SourceLocation, spec: PoseGridSpec) -> list
         raise JobError(422, f"images: cannot list {spec.images[:300]!r}") from None
     if not keys:
         raise JobError(422, f"images: no images found at {spec.images[:300]!r}")
+    if unaddressable := next((key for key in keys if "#" in key or "?" in key), None):
+        # item URIs are the prefix plus the key: '#' and '?' would start a fragment or a query
+        raise JobError(
+            422, f"images: {unaddressable[:200]!r} has '#' or '?' in its name; rename it"
+        )
     if len(keys) > cap:
         raise JobError(
             422,

@@ -335,3 +335,22 @@ def test_oversized_huge_and_unlisted_format_sources_fail_their_items(
     assert "5000x5000 image exceeds 1000000 pixels (max_source_pixels)" in errors[1]
     assert "image format GIF is not accepted" in errors[2]
     assert "larger than 100000 bytes (max_source_bytes)" in errors[3]
+
+
+def test_local_sources_with_spaces_percent_hash_and_non_ascii_names(
+    ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    folder, keypoints = people
+    names = sorted(keypoints)
+    odd = tmp_path / "my photos #1 100% é"
+    odd.mkdir()
+    person = odd / "a b%20c.jpg"
+    person.write_bytes((folder / names[0]).read_bytes())
+    # the CLI sends local paths as file:// URIs (Path.as_uri percent-encodes them)
+    ref = {"uri": person.as_uri(), "keypoints": keypoints[names[0]]}
+    spec = parse_spec({"kind": "swap", "items": [{"fg": ref, "bg": ref, "pose": ref}]})
+    tenant = tenant_id(ctx)
+    job = submit(ctx, tenant, spec)
+    assert run_job(ctx, job.id, pipes) == "completed"
+    view = get_job(ctx, tenant, job.id)
+    assert (view.done_items, view.failed_items) == (1, 0)

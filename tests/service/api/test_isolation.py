@@ -237,3 +237,18 @@ def test_listing_is_capped_and_stops_early(
         first = client.post("/v1/jobs", headers=auth, json={**many, "max_sources": 2})
         assert first.status_code == 201, first.text
         assert read_sources(ctx, first.json()["id"]) == ["0.png", "1.png"]
+
+
+def test_keys_that_uris_cannot_carry_are_refused_at_submit(
+    client: TestClient,
+    auth: Headers,
+    world: dict[str, str],
+    s3_server: S3Server,
+    written: Written,
+) -> None:
+    s3_server.client().put_object(Bucket=world["bucket"], Key="alice/odd/x#1.png", Body=PNG)
+    before = written()
+    response = client.post("/v1/jobs", headers=auth, json=_grid(_uri(world, "s3://{b}/alice/odd/")))
+    assert response.status_code == 422
+    assert response.json()["detail"] == "images: 'x#1.png' has '#' or '?' in its name; rename it"
+    assert written() == before
