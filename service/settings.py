@@ -125,7 +125,10 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(default=Path("~/.dpig"), validate_default=True)
-    database_url: str = Field(default_factory=lambda data: f"sqlite:///{data['home']}/dpig.db")
+    # holds the database password: kept out of repr() and so out of logs and tracebacks
+    database_url: str = Field(
+        default_factory=lambda data: f"sqlite:///{data['home']}/dpig.db", repr=False
+    )
     storage_url: str = Field(
         default_factory=lambda data: (data["home"] / "outputs").as_uri(), validate_default=True
     )

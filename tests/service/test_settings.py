@@ -220,3 +220,9 @@ def test_tenant_policies_from_env(env: pytest.MonkeyPatch) -> None:
     env.setenv("DPIG_TENANTS", '{"acme": {"queues": ["fast"]}}')
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_database_password_stays_out_of_repr(tmp_path: Path) -> None:
+    s = Settings.from_values(home=tmp_path, database_url="postgresql://dpig:hunter2@db:5432/dpig")
+    assert s.database_url == "postgresql+psycopg://dpig:hunter2@db:5432/dpig"
+    assert "hunter2" not in repr(s) and "hunter2" not in str(s)
