@@ -100,7 +100,6 @@ def list_jobs(
 @router.get(
     "/{job_id}",
     response_model=JobView,
-    response_model_exclude_none=False,
     responses=error_responses(404),
 )
 def get_job(ctx: ContextDep, tenant: TenantDep, job_id: JobId, view: ViewName = "basic") -> JobView:
