@@ -62,10 +62,15 @@ def evaluate(
     split: str = typer.Option("test", help="Split of held-out identities."),
     fid_count: int = typer.Option(1000, min=0, help="Images per FID set (0 skips FID)."),
     seed: int = typer.Option(0, help="Seed of the sampled people."),
+    heldout_images: int = typer.Option(
+        512, min=2, help="Images scored with true person masks (synthetic data only)."
+    ),
     out: Path = typer.Option(None, help="Write the report to this JSON file."),
 ) -> None:
     """Model-card figures: reconstruction SSIM (3 variants), PSNR and L1 on held-out identities,
-    and FID of Φ samples beside real-vs-real and real-vs-noise FID."""
+    and FID of Φ samples beside real-vs-real and real-vs-noise FID. On synthetic data also
+    person and background L1 and the bg-swap leakage with the renderer's true person masks,
+    each beside its perfect-render ceiling or ground-truth floor."""
     from dpig_core.data.readers import read_dataset
     from dpig_core.metrics.model_card import environment, reconstruction_quality, sampling_fid
     from dpig_core.weights import WeightsError, from_pretrained, read_manifest
@@ -84,6 +89,10 @@ def evaluate(
         "split": split,
         "reconstruction": reconstruction_quality(model, records),
     }
+    if (data / "factors.jsonl").is_file():
+        from dpig_core.metrics.heldout import heldout_figures, load_synthetic
+
+        report["true_masks"] = heldout_figures(model, load_synthetic(data, split), heldout_images)
     if fid_count:
         if len(records) < 2 * fid_count:
             fail(f"FID needs {2 * fid_count} held-out images, the split has {len(records)}")

@@ -124,5 +124,10 @@ def test_evaluate_reports_named_ssim_variants(tiny_market: Path, tmp_path: Path)
     assert report["images"] == 9  # 3 held-out identities × 4 images, one of each in query/
     assert set(report["ssim_variants"]) == {"ssim_dpig", "ssim_patn", "ssim_gfla"}
     assert 0 <= report["l1"] <= 1
+    true_masks = json.loads(out.read_text())["true_masks"]
+    assert true_masks["images"] == 9 and true_masks["swap_people"] == 3
+    assert true_masks["perfect_render_ssim_dpig"] > true_masks["ssim_dpig"] + 0.2
+    assert true_masks["perfect_render_person_l1"] < true_masks["person_l1"]
+    assert 0 <= true_masks["ground_truth_leakage_ratio"] < true_masks["leakage_ratio"]
     too_many = runner.invoke(app, [*args, "--fid-count", "1000"])
     assert too_many.exit_code == 2 and "FID needs 2000 held-out images" in too_many.output
