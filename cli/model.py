@@ -112,6 +112,28 @@ def evaluate(
     typer.echo(text)
 
 
+@app.command("curve")
+def curve(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run folder (its metrics.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+) -> None:
+    """Draw a run's learning curve (held-out figures logged with `stage1.eval_every`) as a PNG,
+    each figure beside its perfect-render ceiling or ground-truth floor; print the last point."""
+    from dpig_core.imaging import save_png
+    from dpig_core.train.curve import heldout_points, learning_curve
+
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        fail(f"{run}: no metrics.jsonl")
+    points = heldout_points(metrics)
+    try:
+        save_png(out, learning_curve(points))
+    except ValueError as exc:
+        fail(f"{run}: {exc}")
+    typer.echo(json.dumps(points[-1]))
+    typer.echo(f"wrote {out} ({len(points)} points)")
+
+
 @app.command("export")
 def export(
     weights: Path = typer.Option(..., "--weights", "-w", help="Weights folder to export."),
