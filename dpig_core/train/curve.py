@@ -60,8 +60,8 @@ def _panel(
     line = [xy(s, v) for s, v in zip(steps, values, strict=True)]
     if len(line) > 1:
         draw.line(line, fill="blue", width=2)
-    for x, y in line:
-        draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill="blue")
+    for px, py in line:
+        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill="blue")
     draw.text((line[-1][0] - 40, line[-1][1] + 4), f"{values[-1]:.3f}", fill="blue")
     return img
 
