@@ -298,7 +298,7 @@ def evaluate_transfer(
     tgt_rows = torch.tensor([pos[t] for _, t in pairs])
     radius = None if mask_from == "target" else max(1, round(7 * cfg.height / 128))
     vs_target, vs_truth, ceiling = _Means(), _Means(), _Means()
-    generated_all, targets_all = [], []
+    generated_all, targets_all, truths_all = [], [], []
     for part in _chunks(len(pairs), 256):
         sources, targets = src_rows[part].tolist(), tgt_rows[part].tolist()
         # pose j of this call is the target of pair j
@@ -323,6 +323,7 @@ def evaluate_transfer(
                 for s, t in zip(sources, targets, strict=True)
             ]
             truth8 = _u8(torch.stack(truth))
+            truths_all.append(truth8)
             vs_truth.add(image_scores(g8, truth8, masks))
             ceiling.add(image_scores(_u8(torch.stack(perfect)), truth8, masks))
     generated = torch.cat(generated_all)
@@ -340,6 +341,10 @@ def evaluate_transfer(
         # a noise-free render of the right answer: the best any model can score
         report["perfect_render_vs_true_rendering"] = ceiling.result()
     report["pose_accuracy"] = _pose_accuracy(extras, generated / 127.5 - 1, people.rcv[tgt_rows])
+    if truths_all:  # the probe on the right answers: the ceiling of pose_accuracy
+        report["true_rendering_pose_accuracy"] = _pose_accuracy(
+            extras, torch.cat(truths_all) / 127.5 - 1, people.rcv[tgt_rows]
+        )
     report["fid_vs_targets"] = _fid(
         extras,
         list(torch.split(generated, 100)),

@@ -147,3 +147,14 @@ def test_ground_truth_leakage_is_near_zero_only_with_true_masks(tmp_path: Path) 
     limb = ground_truth_leakage(facts, others, person_masks([f.pose for f in facts], 64, 32, 4))
     assert true < 0.1
     assert limb > 0.2
+
+
+def test_transfer_scores_the_probe_on_the_true_renderings(
+    pipe: DPIGPipeline, data: EvalData
+) -> None:
+    from dpig_core.metrics.pose_probe import PoseProbe, ProbeConfig
+
+    probe = PoseProbe(ProbeConfig(height=32, width=16)).eval()
+    report, _ = evaluate_transfer(pipe, data, Extras(probe=probe), max_pairs=4)
+    assert report["pose_accuracy"]["images"] == 4
+    assert report["true_rendering_pose_accuracy"]["images"] == 4
