@@ -62,10 +62,15 @@ def evaluate(
     split: str = typer.Option("test", help="Split of held-out identities."),
     fid_count: int = typer.Option(1000, min=0, help="Images per FID set (0 skips FID)."),
     seed: int = typer.Option(0, help="Seed of the sampled people."),
+    heldout_images: int = typer.Option(
+        512, min=2, help="Images scored with true person masks (synthetic data only)."
+    ),
     out: Path = typer.Option(None, help="Write the report to this JSON file."),
 ) -> None:
     """Model-card figures: reconstruction SSIM (3 variants), PSNR and L1 on held-out identities,
-    and FID of Φ samples beside real-vs-real and real-vs-noise FID."""
+    and FID of Φ samples beside real-vs-real and real-vs-noise FID. On synthetic data also
+    person and background L1 and the bg-swap leakage with the renderer's true person masks,
+    each beside its perfect-render ceiling or ground-truth floor."""
     from dpig_core.data.readers import read_dataset
     from dpig_core.metrics.model_card import environment, reconstruction_quality, sampling_fid
     from dpig_core.weights import WeightsError, from_pretrained, read_manifest
@@ -84,6 +89,10 @@ def evaluate(
         "split": split,
         "reconstruction": reconstruction_quality(model, records),
     }
+    if (data / "factors.jsonl").is_file():
+        from dpig_core.metrics.heldout import heldout_figures, load_synthetic
+
+        report["true_masks"] = heldout_figures(model, load_synthetic(data, split), heldout_images)
     if fid_count:
         if len(records) < 2 * fid_count:
             fail(f"FID needs {2 * fid_count} held-out images, the split has {len(records)}")
@@ -101,6 +110,28 @@ def evaluate(
     if out:
         out.write_text(text + "\n")
     typer.echo(text)
+
+
+@app.command("curve")
+def curve(
+    run: Path = typer.Option(..., "--run", "-r", help="A training run folder (its metrics.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="PNG file to write."),
+) -> None:
+    """Draw a run's learning curve (held-out figures logged with `stage1.eval_every`) as a PNG,
+    each figure beside its perfect-render ceiling or ground-truth floor; print the last point."""
+    from dpig_core.imaging import save_png
+    from dpig_core.train.curve import heldout_points, learning_curve
+
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        fail(f"{run}: no metrics.jsonl")
+    points = heldout_points(metrics)
+    try:
+        save_png(out, learning_curve(points))
+    except ValueError as exc:
+        fail(f"{run}: {exc}")
+    typer.echo(json.dumps(points[-1]))
+    typer.echo(f"wrote {out} ({len(points)} points)")
 
 
 @app.command("export")

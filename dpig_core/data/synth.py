@@ -1291,21 +1291,23 @@ def render_person(
     *,
     seed: int = 0,
     camera: int | None = None,
+    noise: bool = True,
 ) -> UInt8Array:
     """`identity` in `pose` (RCV, pixels of this size) on `background`: uint8 (H, W, 3).
 
     Deterministic for the same inputs. Drawn at 4× and box-filtered down, so edges are anti-aliased;
     `seed` drives the texture and sensor noise, `camera` (1–6) a mild colour response.
+    `noise=False` leaves out the texture and sensor noise: the best any model can predict.
     """
-    noise = _noise(seed, height, width)
-    base = _background_layer(background, height, width, noise)
+    normals = _noise(seed, height, width) if noise else np.zeros((height, width, 5), np.float32)
+    base = _background_layer(background, height, width, normals)
     ss = SUPERSAMPLE
     canvas = Image.fromarray(base).resize((width * ss, height * ss), Image.Resampling.NEAREST)
     fig = _figure(pose, height, ss)
     if fig is not None:
         _draw_person(_Painter(canvas), identity, fig, background, height)
     person = np.asarray(canvas.reduce(ss), dtype=np.uint8)
-    return _finish(person, camera, noise)
+    return _finish(person, camera, normals)
 
 
 def render_person_mask(identity: Identity, pose: FloatArray, height: int, width: int) -> UInt8Array:
@@ -1404,8 +1406,10 @@ def rerender(
     pose: FloatArray | None = None,
     background: Background | None = None,
     identity: Identity | None = None,
+    noise: bool = True,
 ) -> UInt8Array:
-    """The image of `record` with any factor replaced (same camera, noise seed and size)."""
+    """The image of `record` with any factor replaced (same camera, noise seed and size);
+    `noise=False` renders it without texture and sensor noise (a perfect render's ceiling)."""
     return render_person(
         identity if identity is not None else record.identity,
         pose if pose is not None else record.pose,
@@ -1414,6 +1418,7 @@ def rerender(
         record.width,
         seed=record.seed,
         camera=record.camera,
+        noise=noise,
     )
 
 

@@ -114,10 +114,12 @@ def _load(pipe: DPIGPipeline, records: Sequence[PersonRecord]) -> tuple[Factors,
     return pipe.encode(x, rcv), kept, x
 
 
-def _truth(record: FactorRecord, height: int, width: int, **replace: Any) -> torch.Tensor:
+def _truth(
+    record: FactorRecord, height: int, width: int, noise: bool = True, **replace: Any
+) -> torch.Tensor:
     """The true rendering of a synthetic record with factors replaced, in the model's frame:
     [3, H, W] in [−1, 1]."""
-    pixels = rerender(record, **replace)
+    pixels = rerender(record, noise=noise, **replace)
     if pixels.shape[:2] != (height, width):
         resized = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(resized)
@@ -281,7 +283,8 @@ def evaluate_transfer(
     """Pose transfer between images of one identity: each source (encoded once) in the target's
     pose, scored against the target image; on synthetic data also against the true rendering of
     the source person in the target pose on the source's background (what DPIG is asked to make:
-    it keeps the condition image's background)."""
+    it keeps the condition image's background), beside the ceiling: a noise-free render of that
+    truth scored the same way."""
     started = time.perf_counter()
     cfg = pipe.config
     pairs = transfer_pairs(data.records, max_pairs)
@@ -294,8 +297,8 @@ def evaluate_transfer(
     src_rows = torch.tensor([pos[s] for s, _ in pairs])
     tgt_rows = torch.tensor([pos[t] for _, t in pairs])
     radius = None if mask_from == "target" else max(1, round(7 * cfg.height / 128))
-    vs_target, vs_truth = _Means(), _Means()
-    generated_all, targets_all = [], []
+    vs_target, vs_truth, ceiling = _Means(), _Means(), _Means()
+    generated_all, targets_all, truths_all = [], [], []
     for part in _chunks(len(pairs), 256):
         sources, targets = src_rows[part].tolist(), tgt_rows[part].tolist()
         # pose j of this call is the target of pair j
@@ -315,7 +318,14 @@ def evaluate_transfer(
                 _truth(facts[s], cfg.height, cfg.width, pose=facts[t].pose)
                 for s, t in zip(sources, targets, strict=True)
             ]
-            vs_truth.add(image_scores(g8, _u8(torch.stack(truth)), masks))
+            perfect = [
+                _truth(facts[s], cfg.height, cfg.width, noise=False, pose=facts[t].pose)
+                for s, t in zip(sources, targets, strict=True)
+            ]
+            truth8 = _u8(torch.stack(truth))
+            truths_all.append(truth8)
+            vs_truth.add(image_scores(g8, truth8, masks))
+            ceiling.add(image_scores(_u8(torch.stack(perfect)), truth8, masks))
     generated = torch.cat(generated_all)
     report = _header(pipe, data, "transfer")
     report["protocol"] = {
@@ -328,7 +338,13 @@ def evaluate_transfer(
     report["vs_target"] = vs_target.result()
     if data.factors is not None:
         report["vs_true_rendering"] = vs_truth.result()
+        # a noise-free render of the right answer: the best any model can score
+        report["perfect_render_vs_true_rendering"] = ceiling.result()
     report["pose_accuracy"] = _pose_accuracy(extras, generated / 127.5 - 1, people.rcv[tgt_rows])
+    if truths_all:  # the probe on the right answers: the ceiling of pose_accuracy
+        report["true_rendering_pose_accuracy"] = _pose_accuracy(
+            extras, torch.cat(truths_all) / 127.5 - 1, people.rcv[tgt_rows]
+        )
     report["fid_vs_targets"] = _fid(
         extras,
         list(torch.split(generated, 100)),
@@ -438,11 +454,17 @@ def evaluate_swap(
 
     Leakage: re-sample only the background through Φ (or swap it for another person's) and
     measure how much the person region changes, against how much the background region changes;
-    then the reverse for the foreground. The person region is the model's limb mask of the pose.
-    On synthetic data, a swapped image is also scored against the true rendering of the swapped
-    factors (person i on person j's background; person j's appearance in person i's pose and
-    background).
+    then the reverse for the foreground. The person region is the renderer's true person mask on
+    synthetic data (for a foreground swap, the union of both people's masks) and the model's limb
+    mask of the pose elsewhere. On synthetic data each swap's `leakage_ratio` has the ground
+    truth's beside it (`ground_truth_leakage_ratio`, its floor), and a swapped image is also
+    scored against the true rendering of the swapped factors (person i on person j's background;
+    person j's appearance in person i's pose and background).
     """
+    from dataclasses import replace
+
+    from dpig_core.metrics.masked import true_person_masks
+
     started = time.perf_counter()
     cfg = pipe.config
     if not cfg.has_bg:
@@ -458,7 +480,29 @@ def evaluate_swap(
     if n < 2:
         raise ValueError("swaps need at least two people")
     other = [(i + 1) % n for i in range(n)]
-    masks = person_masks(people.rcv, cfg.height, cfg.width, cfg.mask_radius)
+    facts = [data.factors[r.name] for r in chosen] if data.factors is not None else None
+    regions: dict[str, torch.Tensor] = {}
+    truths: dict[str, list[torch.Tensor]] = {}
+    if facts is not None:
+        swapped_people = [
+            replace(f, identity=facts[j].identity) for f, j in zip(facts, other, strict=True)
+        ]
+        masks = true_person_masks(facts, cfg.height, cfg.width)
+        union = torch.maximum(masks, true_person_masks(swapped_people, cfg.height, cfg.width))
+        regions = {"bg": masks, "fg": union}
+        truths = {
+            "reconstruction": [_truth(f, cfg.height, cfg.width) for f in facts],
+            "bg_swapped": [
+                _truth(f, cfg.height, cfg.width, background=facts[j].background)
+                for f, j in zip(facts, other, strict=True)
+            ],
+            "fg_swapped": [_truth(f, cfg.height, cfg.width) for f in swapped_people],
+        }
+        region_note = "the renderer's true person mask (fg swaps: union of both people's)"
+    else:
+        masks = person_masks(people.rcv, cfg.height, cfg.width, cfg.mask_radius)
+        regions = {"bg": masks, "fg": masks}
+        region_note = f"limb mask of each person's pose, radius {cfg.mask_radius}, 5x5 closing"
     base = pipe.render(people)
     items = list(range(n))
     z_bg = pipe.map_noise("bg", item_noise(seed, items, "bg", cfg.bg_dim))
@@ -469,40 +513,38 @@ def evaluate_swap(
         "bg_swapped": people.mix(bg=people.select(other)),
         "fg_swapped": people.mix(fg=people.select(other)),
     }
+
+    def ratio(before: torch.Tensor, after: torch.Tensor, factor: str) -> float:
+        inside, outside = _region_change(before, after, regions[factor])
+        changed, kept_region = (outside, inside) if factor == "bg" else (inside, outside)
+        return float(kept_region.mean() / changed.mean().clamp_min(1e-8))
+
     leakage: dict[str, Any] = {}
     rendered: dict[str, torch.Tensor] = {}
     for name, factors in variants.items():
+        factor = name[:2]
         rendered[name] = after = pipe.render(factors)
-        inside, outside = _region_change(base, after, masks)
-        changed, kept_region = (outside, inside) if name.startswith("bg") else (inside, outside)
+        inside, outside = _region_change(base, after, regions[factor])
         leakage[name] = {
             "person_region_change": round(float(inside.mean()), 4),
             "background_region_change": round(float(outside.mean()), 4),
-            "leakage_ratio": round(float(kept_region.mean() / changed.mean().clamp_min(1e-8)), 4),
+            "leakage_ratio": round(ratio(base, after, factor), 4),
         }
+        if name in truths:
+            before_t, after_t = torch.stack(truths["reconstruction"]), torch.stack(truths[name])
+            leakage[name]["ground_truth_leakage_ratio"] = round(ratio(before_t, after_t, factor), 4)
     report = _header(pipe, data, "swap")
     report["protocol"] = {
         "people": n,
         "pairing": "person i takes the factor of person (i + 1) mod n; one image per identity",
-        "region": f"limb mask of each person's pose, radius {cfg.mask_radius}, 5x5 closing",
+        "region": region_note,
         "leakage_ratio": "change in the region that should stay / change in the region that "
-        "should change (0 = perfectly disentangled)",
+        "should change (0 = perfectly disentangled); ground_truth_leakage_ratio: the same for "
+        "the true renderings, the floor a perfect model reaches",
     }
     report["leakage"] = leakage
-    if data.factors is not None:
+    if truths:
         truth_scores: dict[str, Any] = {}
-        facts = [data.factors[r.name] for r in chosen]
-        truths = {
-            "bg_swapped": [
-                _truth(f, cfg.height, cfg.width, background=facts[j].background)
-                for f, j in zip(facts, other, strict=True)
-            ],
-            "fg_swapped": [
-                _truth(f, cfg.height, cfg.width, identity=facts[j].identity)
-                for f, j in zip(facts, other, strict=True)
-            ],
-            "reconstruction": [_truth(f, cfg.height, cfg.width) for f in facts],
-        }
         rendered["reconstruction"] = base
         for name, truth in truths.items():
             means = _Means()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -16,6 +17,12 @@ class StageConfig:
     sample_every: int = 600
     checkpoint_every: int = 6000
     seed: int = 0
+    # "halve": the reference (halved every lr_halve_every steps); "cosine": constant until
+    # cosine_from, then a cosine down to 0 at cosine_to (0: the last step). A fixed cosine_to
+    # keeps the schedule when a run is resumed with more --steps.
+    lr_schedule: str = "halve"
+    cosine_from: int = 0
+    cosine_to: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +39,18 @@ class StageConfig:
         changes = {k: v for k, v in values.items() if v is not None}
         return type(self)(**{**asdict(self), **changes})
 
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("halve", "cosine"):
+            raise ValueError(f"lr_schedule must be 'halve' or 'cosine', got {self.lr_schedule!r}")
+
     def lr_at(self, step: int) -> float:
+        if self.lr_schedule == "cosine":
+            if step < self.cosine_from:
+                return self.lr
+            span = max((self.cosine_to or self.steps) - self.cosine_from, 1)
+            return (
+                self.lr * 0.5 * (1 + math.cos(math.pi * min(step - self.cosine_from, span) / span))
+            )
         return self.lr * 0.5 ** (step // self.lr_halve_every)
 
 
@@ -48,6 +66,16 @@ class Stage1Config(StageConfig):
     adv_weight: float = 1.0
     beta1: float = 0.5
     beta2: float = 0.999
+    # Recipe options (docs/training.md); every default is the reference behaviour.
+    ema_decay: float = 0.0  # > 0: keep an EMA of encoder + decoder; the saved weights are the EMA
+    warmup_steps: int = 0  # L1 only (no adversarial term, no D update) for this many steps
+    person_l1_weight: float = 0.0  # weight of mean(|x̂ − x|·mask), the reference's PoseMaskLoss
+    d_same_batch: bool = False  # D sees the G step's detached output instead of a fresh batch
+    freeze_d_in_g_step: bool = False  # D's requires_grad off while G's loss is backpropagated
+    bf16_cpu: bool = False  # bf16 autocast on the CPU too (CUDA always uses it)
+    eval_data: str = ""  # a synthetic held-out dataset scored every eval_every steps
+    eval_every: int = 0
+    eval_images: int = 256
 
 
 @dataclass(frozen=True)

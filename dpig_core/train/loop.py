@@ -154,10 +154,10 @@ class MetricsLog:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 mixed precision on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, cpu_bf16: bool = False) -> Any:
+    """bf16 mixed precision on CUDA, and on the CPU when `cpu_bf16`; full precision otherwise."""
+    if device.type == "cuda" or (cpu_bf16 and device.type == "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -124,5 +124,37 @@ def test_evaluate_reports_named_ssim_variants(tiny_market: Path, tmp_path: Path)
     assert report["images"] == 9  # 3 held-out identities × 4 images, one of each in query/
     assert set(report["ssim_variants"]) == {"ssim_dpig", "ssim_patn", "ssim_gfla"}
     assert 0 <= report["l1"] <= 1
+    true_masks = json.loads(out.read_text())["true_masks"]
+    assert true_masks["images"] == 9 and true_masks["swap_people"] == 3
+    assert true_masks["perfect_render_ssim_dpig"] > true_masks["ssim_dpig"] + 0.2
+    assert true_masks["perfect_render_person_l1"] < true_masks["person_l1"]
+    assert 0 <= true_masks["ground_truth_leakage_ratio"] < true_masks["leakage_ratio"]
     too_many = runner.invoke(app, [*args, "--fid-count", "1000"])
     assert too_many.exit_code == 2 and "FID needs 2000 held-out images" in too_many.output
+
+
+def test_curve_draws_the_heldout_points_of_a_run(tmp_path: Path) -> None:
+    from PIL import Image
+
+    figures = {"ssim_dpig": 0.2, "perfect_render_ssim_dpig": 0.92, "person_l1": 0.15,
+               "perfect_render_person_l1": 0.01, "leakage_ratio": 0.5,
+               "ground_truth_leakage_ratio": 0.05}  # fmt: skip
+    lines = [
+        {"stage": "stage1", "step": 250, "l1": 0.2},
+        {"stage": "stage1_heldout", "step": 250, **figures},
+        {"stage": "stage1_heldout", "step": 500, **figures, "ssim_dpig": 0.3},
+        {"stage": "stage1_heldout", "step": 500, **figures, "ssim_dpig": 0.31},  # after a resume
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    result = runner.invoke(
+        app, ["model", "curve", "--run", str(tmp_path), "--out", str(tmp_path / "c.png")]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.splitlines()[0])["ssim_dpig"] == 0.31
+    assert "(2 points)" in result.output
+    assert Image.open(tmp_path / "c.png").size == (3 * 360, 220)
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    empty = runner.invoke(
+        app, ["model", "curve", "--run", str(tmp_path), "--out", str(tmp_path / "d.png")]
+    )
+    assert empty.exit_code == 2 and "stage1.eval_every" in empty.output

@@ -76,6 +76,9 @@ def test_transfer_report(pipe: DPIGPipeline, data: EvalData) -> None:
         assert 0 <= report[section]["l1"] <= 1 and -1 <= report[section]["ssim_dpig"] <= 1
     assert report["pose_accuracy"] is None and report["unavailable"] == {"fid": "off"}
     assert set(SSIM_NOTES) <= set(report["metric_variants"])
+    ceiling = report["perfect_render_vs_true_rendering"]  # an untrained model is far below it
+    assert ceiling["ssim_dpig"] > report["vs_true_rendering"]["ssim_dpig"] + 0.2
+    assert ceiling["l1"] < report["vs_true_rendering"]["l1"]
     assert sheet.dtype == np.uint8 and sheet.ndim == 3 and sheet.shape[2] == 3
 
 
@@ -115,3 +118,43 @@ def test_swap_report(pipe: DPIGPipeline, data: EvalData) -> None:
     for scores in report["leakage"].values():
         assert scores["leakage_ratio"] >= 0
     assert set(report["vs_true_rendering"]) == {"bg_swapped", "fg_swapped", "reconstruction"}
+
+
+def test_swap_report_gives_the_ground_truth_floor(pipe: DPIGPipeline, data: EvalData) -> None:
+    report, _ = evaluate_swap(pipe, data, Extras(), people_count=3)
+    assert "true person mask" in report["protocol"]["region"]
+    for name in ("bg_swapped", "fg_swapped"):
+        floor = report["leakage"][name]["ground_truth_leakage_ratio"]
+        assert 0 <= floor < report["leakage"][name]["leakage_ratio"]
+    assert "ground_truth_leakage_ratio" not in report["leakage"]["bg_resampled"]
+
+
+def test_ground_truth_leakage_is_near_zero_only_with_true_masks(tmp_path: Path) -> None:
+    """Limb masks of radius 4 at 64×32 are about 35% background, so the ground truth itself
+    'leaks' on them; the renderer's true masks put it near its floor of 0."""
+    from dpig_core.data.synth import write_market_dataset
+    from dpig_core.metrics.heldout import ground_truth_leakage
+    from dpig_core.metrics.masked import person_masks, true_person_masks
+
+    write_market_dataset(tmp_path, identities=12, per_identity=2, height=64, width=32, seed=11,
+                         test_fraction=1.0, progress=False)  # fmt: skip
+    held = load_eval_data(tmp_path, "test")
+    assert held.factors is not None
+    firsts = {r.identity: held.factors[r.name] for r in reversed(held.records)}
+    facts = list(firsts.values())
+    others = facts[1:] + facts[:1]
+    true = ground_truth_leakage(facts, others, true_person_masks(facts, 64, 32))
+    limb = ground_truth_leakage(facts, others, person_masks([f.pose for f in facts], 64, 32, 4))
+    assert true < 0.1
+    assert limb > 0.2
+
+
+def test_transfer_scores_the_probe_on_the_true_renderings(
+    pipe: DPIGPipeline, data: EvalData
+) -> None:
+    from dpig_core.metrics.pose_probe import PoseProbe, ProbeConfig
+
+    probe = PoseProbe(ProbeConfig(height=32, width=16)).eval()
+    report, _ = evaluate_transfer(pipe, data, Extras(probe=probe), max_pairs=4)
+    assert report["pose_accuracy"]["images"] == 4
+    assert report["true_rendering_pose_accuracy"]["images"] == 4
