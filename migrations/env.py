@@ -29,7 +29,7 @@ def _database_url() -> str:
         return url
     from service.settings import get_settings
 
-    return str(get_settings().database_url)
+    return get_settings().database_url.get_secret_value()
 
 
 def _render_item(type_: str, obj: Any, _autogen_context: AutogenContext) -> str | Literal[False]:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from service import metrics
+from service.errors import tenant_reason
 from service.jobs import (
     Claim,
     Context,
@@ -191,7 +192,8 @@ class _People:
         try:
             data = read_uri(self.ctx, ref.uri)
         except Exception as exc:  # noqa: BLE001 - a missing source fails its items
-            raise ItemError(f"{ref.uri}: {exc}") from None
+            log.warning("reading %s failed", ref.uri, exc_info=True)  # details for the operator
+            raise ItemError(f"{ref.uri}: {tenant_reason(exc)}") from None
         return _decode_person(data, ref.keypoints, ref.uri, self.pipe, self.ctx.settings)
 
     def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:

@@ -794,7 +794,8 @@ def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
             dead = chunk.attempts >= ctx.settings.max_attempts
             chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
             chunk.published_at = None
-            chunk.last_error = f"lease of {chunk.lease_owner} expired (worker lost)"
+            log.warning("lease of %s on chunk %s expired", chunk.lease_owner, chunk.id)
+            chunk.last_error = "worker lost (its lease expired)"
             chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
             metrics.CHUNK_ATTEMPTS.labels("dead" if dead else "expired").inc()
         jobs = {c.job_id for c in expired}

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-import traceback
 from collections.abc import Callable
 
 from service.db import JobState
+from service.errors import tenant_reason
 from service.executor import PipelineCache, execute_chunk
 from service.jobs import (
     Context,
@@ -45,8 +45,8 @@ def run_job(
         try:
             execute_chunk(ctx, claim, pipes, should_stop=should_stop, progress=progress)
         except Exception as exc:  # noqa: BLE001 - recorded on the chunk, retried or dead-lettered
-            log.warning("chunk %d of job %s failed: %s", claim.index, job_id, exc)
-            release_chunk(ctx, claim, error="".join(traceback.format_exception_only(exc)).strip())
+            log.warning("chunk %d of job %s failed", claim.index, job_id, exc_info=True)
+            release_chunk(ctx, claim, error=tenant_reason(exc))
         except BaseException:  # Ctrl-C: hand the lease back (not a failed attempt), or the chunk
             release_chunk(ctx, claim)  # would stay leased with no sweeper in embedded mode
             raise

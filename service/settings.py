@@ -125,9 +125,9 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(default=Path("~/.dpig"), validate_default=True)
-    # holds the database password: kept out of repr() and so out of logs and tracebacks
-    database_url: str = Field(
-        default_factory=lambda data: f"sqlite:///{data['home']}/dpig.db", repr=False
+    # holds the database password: a secret, so repr(), str() and model_dump() show only stars
+    database_url: SecretStr = Field(
+        default_factory=lambda data: SecretStr(f"sqlite:///{data['home']}/dpig.db")
     )
     storage_url: str = Field(
         default_factory=lambda data: (data["home"] / "outputs").as_uri(), validate_default=True
@@ -180,10 +180,11 @@ class Settings(BaseSettings):
 
     @field_validator("database_url", mode="after")
     @classmethod
-    def _psycopg_driver(cls, value: str) -> str:
+    def _psycopg_driver(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
         for scheme in _POSTGRES_SCHEMES:
-            if value.startswith(scheme):
-                return "postgresql+psycopg://" + value[len(scheme) :]
+            if url.startswith(scheme):
+                return SecretStr("postgresql+psycopg://" + url[len(scheme) :])
         return value
 
     @field_validator("storage_url", mode="after")
@@ -243,10 +244,10 @@ class Settings(BaseSettings):
     @property
     def sqlite_path(self) -> Path | None:
         """The database file when ``database_url`` is a file-backed SQLite URL, else None."""
-        prefix = "sqlite:///"
-        if not self.database_url.startswith(prefix):
+        prefix, url = "sqlite:///", self.database_url.get_secret_value()
+        if not url.startswith(prefix):
             return None
-        path = self.database_url[len(prefix) :].split("?", 1)[0]
+        path = url[len(prefix) :].split("?", 1)[0]
         return None if path in ("", ":memory:") else Path(path)
 
     def ensure_dirs(self) -> None:

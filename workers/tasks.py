@@ -21,7 +21,6 @@ import os
 import socket
 import tempfile
 import threading
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from celery.signals import worker_process_init, worker_shutting_down
 
 from service import metrics
 from service.db import utcnow
+from service.errors import tenant_reason
 from service.jobs import (
     Context,
     claim_chunk,
@@ -158,8 +158,8 @@ def run_chunk(chunk_id: int) -> str:
         metrics.CHUNK_ATTEMPTS.labels("failed").inc()
         return "failed"
     except Exception as exc:  # noqa: BLE001 - recorded on the chunk; the dispatcher retries it
-        log.warning("chunk %d failed: %s", chunk_id, exc)
-        release_chunk(ctx, claim, error="".join(traceback.format_exception_only(exc)).strip())
+        log.warning("chunk %d failed", chunk_id, exc_info=True)
+        release_chunk(ctx, claim, error=tenant_reason(exc))
         metrics.CHUNK_ATTEMPTS.labels("failed").inc()
         return "failed"
     maybe_finalize(ctx, claim.job_id)

@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import SecretStr
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -55,11 +56,15 @@ def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: Any) -> No
         cursor.close()
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
+def _url(url: str | URL | SecretStr) -> URL:
+    return make_url(url.get_secret_value() if isinstance(url, SecretStr) else url)
+
+
+def make_engine(url: str | URL | SecretStr, **kwargs: Any) -> Engine:
     """An engine for `url`. SQLite: WAL, busy timeout, foreign keys on, usable from any thread.
     PostgreSQL (and others): connections are pinged before use, so a restarted server recovers.
     Extra keyword arguments go to `create_engine`."""
-    url = make_url(url)
+    url = _url(url)
     if url.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
         return create_engine(url, **kwargs)
@@ -80,11 +85,11 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
 
 
-def alembic_config(url: str | URL) -> Config:
+def alembic_config(url: str | URL | SecretStr) -> Config:
     """An Alembic config for `url` that works from any working directory and from an install."""
     from alembic.config import Config
 
-    url = make_url(url)
+    url = _url(url)
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     # ConfigParser interpolates "%": percent-escaped passwords must be doubled to survive.
@@ -93,7 +98,7 @@ def alembic_config(url: str | URL) -> Config:
     return config
 
 
-def upgrade_database(url: str | URL, revision: str = "head") -> None:
+def upgrade_database(url: str | URL | SecretStr, revision: str = "head") -> None:
     """Bring the schema at `url` to `revision` (default: the latest) with Alembic."""
     from alembic import command
 

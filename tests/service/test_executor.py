@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -250,8 +251,8 @@ def test_a_chunk_that_always_fails_is_dead_lettered(
     real_write = shards.ShardWriter.write
 
     def poisoned(self: shards.ShardWriter, made_with: Any = None) -> dict[str, Any]:
-        if self.index == 1:
-            raise OSError("disk full")
+        if self.index == 1:  # the operator's path must not reach the tenant's errors.jsonl
+            raise OSError(errno.ENOSPC, "No space left on device", "/srv/dpig/secret/x.tar")
         return real_write(self, made_with)
 
     monkeypatch.setattr(shards.ShardWriter, "write", poisoned)
@@ -263,9 +264,10 @@ def test_a_chunk_that_always_fails_is_dead_lettered(
     with ctx.session() as session:
         chunk = session.query(Chunk).filter_by(job_id=job.id, index=1).one()
         assert chunk.state == ChunkState.DEAD and chunk.attempts == 2
-        assert "disk full" in (chunk.last_error or "")
+        assert chunk.last_error == "I/O error: No space left on device"
     errors = (_out(ctx, job.id) / "errors.jsonl").read_text()
-    assert '"chunk": 1' in errors and "disk full" in errors
+    assert '"chunk": 1' in errors and "No space left on device" in errors
+    assert "/srv/dpig" not in errors and "Traceback" not in errors
 
 
 def test_a_chunk_left_running_by_a_killed_process_is_run_again(

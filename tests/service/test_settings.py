@@ -31,7 +31,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.Monk
 def test_embedded_defaults(tmp_path: Path) -> None:
     s = Settings.from_values(home=tmp_path)
     assert s.home == tmp_path
-    assert s.database_url == f"sqlite:///{tmp_path}/dpig.db"
+    assert s.database_url.get_secret_value() == f"sqlite:///{tmp_path}/dpig.db"
     assert s.sqlite_path == tmp_path / "dpig.db"
     assert s.storage_url == (tmp_path / "outputs").as_uri()
     assert s.broker_url is None
@@ -52,7 +52,7 @@ def test_home_defaults_to_user_folder(env: pytest.MonkeyPatch, tmp_path: Path) -
     env.setenv("HOME", str(tmp_path))
     s = Settings()
     assert s.home == tmp_path / ".dpig"
-    assert s.database_url == f"sqlite:///{tmp_path}/.dpig/dpig.db"
+    assert s.database_url.get_secret_value() == f"sqlite:///{tmp_path}/.dpig/dpig.db"
 
 
 def test_nothing_created_until_asked(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_env_parsing(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env.setenv("DPIG_LEASE_SECONDS", "")  # empty means unset
     s = Settings()
     assert s.home == tmp_path / "home"
-    assert s.database_url == f"sqlite:///{tmp_path}/home/dpig.db"
+    assert s.database_url.get_secret_value() == f"sqlite:///{tmp_path}/home/dpig.db"
     assert s.chunk_size == 256
     assert s.max_active_jobs == 3
     assert s.lease_seconds == 300
@@ -136,9 +136,9 @@ def test_s3_storage_is_readable_only_at_its_own_location(tmp_path: Path) -> None
     ],
 )
 def test_database_url_driver_rewrite(env: pytest.MonkeyPatch, given: str, expected: str) -> None:
-    assert Settings.from_values(database_url=given).database_url == expected
+    assert Settings.from_values(database_url=given).database_url.get_secret_value() == expected
     env.setenv("DPIG_DATABASE_URL", given)
-    assert Settings().database_url == expected
+    assert Settings().database_url.get_secret_value() == expected
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,18 @@ def test_tenant_policies_from_env(env: pytest.MonkeyPatch) -> None:
         Settings()
 
 
-def test_database_password_stays_out_of_repr(tmp_path: Path) -> None:
+def test_database_password_stays_out_of_repr_and_dumps(tmp_path: Path) -> None:
     s = Settings.from_values(home=tmp_path, database_url="postgresql://dpig:hunter2@db:5432/dpig")
-    assert s.database_url == "postgresql+psycopg://dpig:hunter2@db:5432/dpig"
+    assert s.database_url.get_secret_value() == "postgresql+psycopg://dpig:hunter2@db:5432/dpig"
     assert "hunter2" not in repr(s) and "hunter2" not in str(s)
+    # a settings dump (a debug endpoint, a log line of the config) shows only stars
+    assert "hunter2" not in s.model_dump_json() and "hunter2" not in str(s.model_dump())
+    assert "hunter2" not in str(s.database_url)
+
+
+def test_engine_and_migrations_take_the_secret_url(tmp_path: Path) -> None:
+    from service.db.session import alembic_config, make_engine
+
+    s = Settings.from_values(home=tmp_path, database_url="postgresql://dpig:hunter2@db:5432/dpig")
+    assert make_engine(s.database_url).url.password == "hunter2"
+    assert "hunter2" in (alembic_config(s.database_url).get_main_option("sqlalchemy.url") or "")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from service import jobs
 from service.api.deps import ContextDep, TenantDep, bearer, lookup_tenant
@@ -189,14 +190,23 @@ def _slots(request: Request) -> StreamSlots:
     return slots
 
 
-async def _progress(
-    ctx: Context, tenant: int, key: str, job_id: str, view: JobView, slots: StreamSlots
-) -> AsyncIterator[str]:
-    try:
-        async for event in _progress_events(ctx, tenant, key, job_id, view):
-            yield event
-    finally:
-        slots.give_back(tenant)
+class _SlotStream(StreamingResponse):
+    """A stream that gives its tenant's slot back however the response ends, including a client
+    that is gone before the body starts (then the body generator never runs, nor its finally)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 async def _progress_events(
@@ -254,8 +264,7 @@ async def job_events(
     assert credentials is not None  # TenantDep has refused requests without a key
     slots = _slots(request)
     slots.take(tenant)
-    return StreamingResponse(
-        _progress(ctx, tenant, credentials.credentials, job_id, view, slots),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    return _SlotStream(
+        _progress_events(ctx, tenant, credentials.credentials, job_id, view),
+        release=lambda: slots.give_back(tenant),
     )

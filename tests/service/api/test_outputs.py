@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -270,3 +271,43 @@ def test_outputs_are_paged_and_url_lifetime_capped(
     week = client.get(f"/v1/jobs/{job_id}/outputs?expires_in=604800", headers=auth)
     assert week.status_code == 422
     assert week.json()["detail"] == "expires_in: 604800 s exceeds the limit of 86400 s"
+
+
+def test_a_stream_dropped_before_its_first_byte_gives_its_slot_back(
+    make_settings: Callable[..., Settings], sample_spec: Spec
+) -> None:
+    with TestClient(create_app(make_settings(max_event_streams_per_tenant=1))) as client:
+        ctx: Context = client.app.state.context  # type: ignore[attr-defined]
+        clear, prefix, key_hash = new_api_key()
+        with ctx.session() as session:
+            session.add(
+                ApiKey(tenant_id=jobs.tenant_id(ctx, "alice"), prefix=prefix, key_hash=key_hash)
+            )
+        auth = {"Authorization": f"Bearer {clear}"}
+        job_id = _submit(client, auth, sample_spec())
+        path, bearer = f"/v1/jobs/{job_id}/events", f"Bearer {clear}".encode()
+
+        async def dropped() -> None:
+            """The client is gone before the response starts: the body is never iterated."""
+
+            async def receive() -> dict[str, Any]:
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    await anyio.sleep(5)  # the disconnect is noticed first
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+                "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                "server": ("testserver", 80),
+                "headers": [(b"host", b"testserver"), (b"authorization", bearer)],
+            }  # fmt: skip
+            with anyio.fail_after(10):
+                await client.app(scope, receive, send)
+
+        client.portal.call(dropped)  # type: ignore[union-attr]
+        client.post(f"/v1/jobs/{job_id}:cancel", headers=auth)
+        again = client.get(path, headers=auth)  # a finished job's stream: one event, then the end
+        assert again.status_code == 200, again.text
