@@ -1,0 +1,122 @@
+"""Does PIL release the GIL while it compresses? Threads vs processes for PNG/WebP/JPEG encoding.
+
+The same images are encoded by 1 thread, by N threads and by N processes, interleaved in one run
+(the machine is shared, so only ratios inside one run mean anything). If the N-thread rate is
+close to the N-process rate, compression runs outside the GIL and a thread pool is enough.
+
+    python bench/encode_gil.py --workers 2 --sizes 128x64 256x256
+Last line: gil_thread_vs_process=<N-thread rate ÷ N-process rate, worst format at the first size>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from service.encoding import encode_uint8
+from service.specs import OutputFormat
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "encode_gil.json"
+FORMATS = {
+    "png": OutputFormat(),
+    "webp-q90": OutputFormat(format="webp", quality=90),
+    "jpeg-q90": OutputFormat(format="jpeg", quality=90),
+}
+
+
+def person_like_images(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 [count, H, W, 3]: smooth colour fields plus mild noise, which compress about as
+    hard as the model's outputs (pure noise would be far slower, flat colour far faster)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (count, height // 8 + 1, width // 8 + 1, 3)).astype(np.float32)
+    smooth = coarse.repeat(8, axis=1).repeat(8, axis=2)[:, :height, :width]
+    noisy = smooth + rng.normal(0, 6, smooth.shape)
+    out: np.ndarray = noisy.clip(0, 255).astype(np.uint8)
+    return out
+
+
+def _encode_all(images: np.ndarray, fmt: OutputFormat) -> int:
+    return sum(len(encode_uint8(image, fmt)) for image in images)
+
+
+def rate(pool: Executor | None, workers: int, images: np.ndarray, fmt: OutputFormat) -> float:
+    """Images/s with `workers` equal slices of `images` encoded at once in `pool` (None: here)."""
+    started = time.perf_counter()
+    if pool is None:
+        _encode_all(images, fmt)
+    else:
+        slices = np.array_split(images, workers)
+        list(pool.map(_encode_all, slices, [fmt] * workers))
+    return len(images) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sizes", nargs="+", default=["128x64", "256x256"])
+    parser.add_argument("--images", type=int, default=400, help="per round at 128x64 (÷8 larger)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    results = []
+    with (
+        ThreadPoolExecutor(args.workers) as threads,
+        ProcessPoolExecutor(args.workers) as processes,
+    ):
+        list(processes.map(int, range(args.workers)))  # start the processes before timing
+        for size in args.sizes:
+            height, width = map(int, size.split("x"))
+            count = max(args.workers * 8, args.images * 128 * 64 // (height * width))
+            images = person_like_images(count, height, width)
+            for name, fmt in FORMATS.items():
+                runs: dict[str, list[float]] = {"serial": [], "threads": [], "processes": []}
+                modes: dict[str, Callable[[], float]] = {
+                    "serial": lambda fmt=fmt: rate(None, 1, images, fmt),
+                    "threads": lambda fmt=fmt: rate(threads, args.workers, images, fmt),
+                    "processes": lambda fmt=fmt: rate(processes, args.workers, images, fmt),
+                }
+                for _ in range(args.rounds):  # interleaved: each round runs all three
+                    for mode, run in modes.items():
+                        runs[mode].append(run())
+                row = {"size": size, "format": name} | {
+                    mode: statistics.median(values) for mode, values in runs.items()
+                }
+                row["thread_speedup"] = row["threads"] / row["serial"]
+                row["thread_vs_process"] = row["threads"] / row["processes"]
+                results.append(row)
+                print(
+                    f"{size} {name:9s} serial {row['serial']:8.0f}/s  "
+                    f"{args.workers} threads {row['threads']:8.0f}/s  "
+                    f"{args.workers} processes {row['processes']:8.0f}/s  "
+                    f"threads/serial {row['thread_speedup']:.2f}  "
+                    f"threads/processes {row['thread_vs_process']:.2f}"
+                )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(),
+                "workers": args.workers,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    first = [r for r in results if r["size"] == args.sizes[0]]
+    print(f"gil_thread_vs_process={min(r['thread_vs_process'] for r in first):.3f}")
+
+
+if __name__ == "__main__":
+    main()
