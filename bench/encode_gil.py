@@ -16,7 +16,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,14 +79,14 @@ def main() -> None:
             images = person_like_images(count, height, width)
             for name, fmt in FORMATS.items():
                 runs: dict[str, list[float]] = {"serial": [], "threads": [], "processes": []}
-                modes: dict[str, Callable[[], float]] = {
-                    "serial": lambda fmt=fmt: rate(None, 1, images, fmt),
-                    "threads": lambda fmt=fmt: rate(threads, args.workers, images, fmt),
-                    "processes": lambda fmt=fmt: rate(processes, args.workers, images, fmt),
+                pools: dict[str, tuple[Executor | None, int]] = {
+                    "serial": (None, 1),
+                    "threads": (threads, args.workers),
+                    "processes": (processes, args.workers),
                 }
                 for _ in range(args.rounds):  # interleaved: each round runs all three
-                    for mode, run in modes.items():
-                        runs[mode].append(run())
+                    for mode, (pool, workers) in pools.items():
+                        runs[mode].append(rate(pool, workers, images, fmt))
                 row = {"size": size, "format": name} | {
                     mode: statistics.median(values) for mode, values in runs.items()
                 }
