@@ -92,7 +92,11 @@ class PipelineCache:
                     raise JobError(409, f"model {name!r} changed since the job was submitted")
                 started = time.perf_counter()
                 self._pipes[key] = DPIGPipeline.from_pretrained(
-                    info.path, device=self.device, batch_size=self.batch_size, **self.options
+                    info.path,
+                    device=self.device,
+                    batch_size=self.batch_size,
+                    images_on_device=True,  # converted to uint8 there (to_uint8_batch)
+                    **self.options,
                 )
                 self.load_seconds[name] = time.perf_counter() - started
                 metrics.MODEL_LOAD.observe(self.load_seconds[name])
