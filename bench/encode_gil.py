@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "encode_gil.json"
 FORMATS = {
     "png": OutputFormat(),
+    "png-level1": OutputFormat(compress_level=1),
+    "webp-lossless": OutputFormat(format="webp", lossless=True),
     "webp-q90": OutputFormat(format="webp", quality=90),
     "jpeg-q90": OutputFormat(format="jpeg", quality=90),
 }

@@ -74,6 +74,13 @@ class PrecomputedPipes(PipelineCache):
         return self.pipe
 
 
+def timed(items: int, run: Any, *args: Any) -> tuple[float, float]:
+    """(the images/s that `run` returns, CPU seconds of this process, all threads, per image)."""
+    cpu = time.process_time()
+    images_per_s = run(*args)
+    return images_per_s, (time.process_time() - cpu) / items
+
+
 def service_rate(
     home: Path, pipes: PrecomputedPipes, items: int, workers: int, chunk: int
 ) -> float:
@@ -112,27 +119,43 @@ def main() -> None:
             pipes = PrecomputedPipes(PrecomputedPipeline(bank, args.batch_size))
             images = np.resize(pixels, (items, *pixels.shape[1:]))  # the same items, in order
             pools = [0, *range(1, args.workers + 1)]
-            runs: dict[str, list[float]] = {"encode_1_core": [], "encode_n_threads": []}
-            runs |= {f"service_pool_{w}": [] for w in pools}
+            names = ["encode_1_core", "encode_n_threads", *(f"service_pool_{w}" for w in pools)]
+            runs: dict[str, list[float]] = {name: [] for name in names}
+            cpu: dict[str, list[float]] = {name: [] for name in names}
             for r in range(args.rounds):  # interleaved, so that drifts hit every figure alike
-                runs["encode_1_core"].append(rate(None, 1, images, fmt))
-                runs["encode_n_threads"].append(rate(threads, args.workers, images, fmt))
+                measured = {
+                    "encode_1_core": timed(items, rate, None, 1, images, fmt),
+                    "encode_n_threads": timed(items, rate, threads, args.workers, images, fmt),
+                }
                 for w in pools:
                     home = Path(tmp) / f"{size}-{r}-{w}"
-                    runs[f"service_pool_{w}"].append(
-                        service_rate(home, pipes, items, w, args.chunk_size)
+                    measured[f"service_pool_{w}"] = timed(
+                        items, service_rate, home, pipes, items, w, args.chunk_size
                     )
+                for name, (images_per_s, cpu_per_image) in measured.items():
+                    runs[name].append(images_per_s)
+                    cpu[name].append(cpu_per_image * 1000)
             row: dict[str, Any] = {"size": size, "items": items}
             row |= {name: round(statistics.median(v), 1) for name, v in runs.items()}
+            row["cpu_ms_per_image"] = {n: round(statistics.median(v), 3) for n, v in cpu.items()}
             row["runs"] = {name: [round(x, 1) for x in v] for name, v in runs.items()}
             best = row[f"service_pool_{args.workers}"]
             row["ceiling_ratio"] = round(best / (args.workers * row["encode_1_core"]), 4)
+            # what contention cannot move: CPU per image of pure encoding ÷ that of the service
+            row["cpu_ratio"] = round(
+                row["cpu_ms_per_image"]["encode_1_core"]
+                / row["cpu_ms_per_image"][f"service_pool_{args.workers}"],
+                4,
+            )
+            # against what N threads of pure encoding reached beside it (the cores really free)
+            row["ratio_to_n_thread_encode"] = round(best / row["encode_n_threads"], 4)
             rows.append(row)
             print(
                 f"{size}: encode 1 core {row['encode_1_core']:.0f}/s, {args.workers} threads "
                 f"{row['encode_n_threads']:.0f}/s; service "
                 + ", ".join(f"pool {w}: {row[f'service_pool_{w}']:.0f}/s" for w in pools)
-                + f"; ratio {row['ceiling_ratio']:.3f}"
+                + f"; ratio {row['ceiling_ratio']:.3f}, CPU ratio {row['cpu_ratio']:.3f}, "
+                f"to {args.workers}-thread encode {row['ratio_to_n_thread_encode']:.3f}"
             )
     result = {
         "benchmark": "service_ceiling",
