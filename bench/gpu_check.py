@@ -12,7 +12,8 @@ every GPU figure dpig needs into one JSON file.
 
 Sections run in this order under one time budget (`--budget-s`); a case that would start past it
 is recorded as skipped, so the JSON is always written. `--dry-run` runs the same code on the
-CPU with tiny sizes (the `tiny` preset, small batches), for CI.
+CPU with tiny sizes (the `tiny` preset, small batches; torch.compile with its `eager` backend),
+for CI.
 
     bash bench/gpu_check.sh                  # on the GPU machine
     python bench/gpu_check.py --dry-run      # anywhere
@@ -108,7 +109,8 @@ def throughput(args: argparse.Namespace, budget: Budget) -> list[dict[str, Any]]
             case = f"{preset} " + " ".join(f"{k}={v}" for k, v in variant.items())
             if not budget.allows(case, 60 if variant["compile"] else 5):
                 continue
-            pipe = _pipe(model, args.device, **variant)
+            compile_ = args.compile_backend if variant["compile"] else False
+            pipe = _pipe(model, args.device, **(variant | {"compile": compile_}))
             rate = _timed_rate(pipe, variant["batch_size"], args.runs, args.device)
             row = {"preset": preset, **variant, "images_per_s": round(rate, 1)}
             rows.append(row)
@@ -247,12 +249,13 @@ def main() -> None:
     parser.add_argument("--det-batches", nargs="+", type=int, default=[1, 7, 64, 256])
     parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
-    args.device = "cuda"
+    args.device, args.compile_backend = "cuda", "inductor"
     if args.dry_run:
         args.device, args.presets, args.batch, args.runs = "cpu", ["tiny"], [4], 1
         args.diff_items, args.service_presets, args.service_items = 8, ["market-small"], 16
         args.service_chunk, args.service_batch, args.det_batches = 8, 4, [1, 3, 4]
         args.budget_s = min(args.budget_s, 120.0)
+        args.compile_backend = "eager"  # the torch.compile path without code generation
         torch.set_num_threads(1)
     elif not torch.cuda.is_available():
         parser.error("no CUDA device (use --dry-run on the CPU)")

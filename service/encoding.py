@@ -28,7 +28,9 @@ def to_uint8_batch(images: Any) -> npt.NDArray[np.uint8]:
     import torch
 
     with torch.no_grad():
-        scaled = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        # the same float32 operations in the same order as to_uint8, in place: one buffer
+        scaled = images.detach().to(torch.float32, copy=True)
+        scaled = scaled.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
         hwc = scaled.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
         if hwc.device.type != "cuda":
             out: npt.NDArray[np.uint8] = hwc.cpu().numpy()
