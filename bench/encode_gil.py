@@ -5,6 +5,9 @@ The same images are encoded by 1 thread, by N threads and by N processes, interl
 close to the N-process rate, compression runs outside the GIL and a thread pool is enough.
 
     python bench/encode_gil.py --workers 2 --sizes 128x64 256x256
+A contention-proof check beside it (`gil_probe`): how much Python work the main thread does while
+another thread encodes one large image, relative to while that thread sleeps (≈ 1: the GIL is
+released during compression; ≈ 0: it is held).
 Last line: gil_thread_vs_process=<N-thread rate ÷ N-process rate, worst format at the first size>.
 """
 
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +65,24 @@ def rate(pool: Executor | None, workers: int, images: np.ndarray, fmt: OutputFor
     return len(images) / (time.perf_counter() - started)
 
 
+def gil_probe(fmt: OutputFormat, side: int = 1536) -> float:
+    """Python work the main thread gets done while another thread encodes one large image,
+    relative to while that thread sleeps as long: about 1 if the encoder releases the GIL,
+    near 0 if it holds it. Shared cores slow both runs alike, so this needs no idle machine."""
+    image = person_like_images(1, side, side)[0]
+
+    def count_while(thread: threading.Thread) -> tuple[int, float]:
+        count, started = 0, time.perf_counter()
+        thread.start()
+        while thread.is_alive():
+            count += 1
+        return count, time.perf_counter() - started
+
+    busy, seconds = count_while(threading.Thread(target=encode_uint8, args=(image, fmt)))
+    idle, idle_seconds = count_while(threading.Thread(target=time.sleep, args=(seconds,)))
+    return (busy / seconds) / (idle / idle_seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -94,6 +116,7 @@ def main() -> None:
                 }
                 row["thread_speedup"] = row["threads"] / row["serial"]
                 row["thread_vs_process"] = row["threads"] / row["processes"]
+                row["gil_probe"] = round(gil_probe(fmt), 3) if size == args.sizes[0] else None
                 results.append(row)
                 print(
                     f"{size} {name:9s} serial {row['serial']:8.0f}/s  "
@@ -101,6 +124,7 @@ def main() -> None:
                     f"{args.workers} processes {row['processes']:8.0f}/s  "
                     f"threads/serial {row['thread_speedup']:.2f}  "
                     f"threads/processes {row['thread_vs_process']:.2f}"
+                    + ("" if row["gil_probe"] is None else f"  GIL probe {row['gil_probe']:.2f}")
                 )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
