@@ -20,6 +20,9 @@ from service.specs import OutputFormat
 
 DEFAULT_PNG_LEVEL = 6  # zlib's default, which PIL used before the level was a job option
 DEFAULT_QUALITY = 90
+# libwebp's effort 0: 4× (lossy) to 100× (lossless) faster than its default of 4 here, for files
+# a few per cent larger (bench/encode_gil.py); a batch service is bound by encoding speed
+WEBP_METHOD = 0
 
 
 def to_uint8_batch(images: Any) -> npt.NDArray[np.uint8]:
@@ -50,10 +53,10 @@ def encode_uint8(pixels: npt.NDArray[np.uint8], fmt: OutputFormat) -> bytes:
         image.save(buf, format="PNG", compress_level=level)
     elif fmt.format == "webp":
         if fmt.lossless:
-            image.save(buf, format="WEBP", lossless=True, exact=True)
+            image.save(buf, format="WEBP", lossless=True, exact=True, method=WEBP_METHOD)
         else:
             quality = DEFAULT_QUALITY if fmt.quality is None else fmt.quality
-            image.save(buf, format="WEBP", quality=quality)
+            image.save(buf, format="WEBP", quality=quality, method=WEBP_METHOD)
     else:
         quality = DEFAULT_QUALITY if fmt.quality is None else fmt.quality
         image.save(buf, format="JPEG", quality=quality)
