@@ -82,7 +82,7 @@ def _context(url: str, home: Path, pool_size: int) -> Any:
 
 def _worker_proc(
     url: str, home: str, redis_db: int, run: str, threads: int, pool: int, work_ms: float,
-    stop: Any, out: Any,
+    stop: Any, out: Any, ready: Any,
 ) -> None:  # fmt: skip
     import redis
 
@@ -117,9 +117,14 @@ def _worker_proc(
         with lock:
             records.extend(mine)
 
+    from sqlalchemy import text
+
+    with ctx.session() as session:  # connected and imported before the window opens
+        session.execute(text("SELECT 1"))
     pool_threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
     for thread in pool_threads:
         thread.start()
+    ready.put(os.getpid())
     for thread in pool_threads:
         thread.join()
     out.put({"records": records, "misses": misses[0]})
@@ -273,18 +278,21 @@ def run_n(
         rds.lpush(KEY.format(run=run, queue=queue), chunk_id)
 
     mpctx = mp.get_context("spawn")
-    stop, out = mpctx.Event(), mpctx.Queue()
+    stop, out, ready = mpctx.Event(), mpctx.Queue(), mpctx.Queue()
     children = []
     for p in range(procs):
         threads = n // procs + (1 if p < n % procs else 0)
         child = mpctx.Process(
             target=_worker_proc,
             args=(url, str(home), args.redis_db, run, threads, min(pool, threads),
-                  args.work_ms, stop, out),
+                  args.work_ms, stop, out, ready),
         )  # fmt: skip
         child.start()
         children.append(child)
-    time.sleep(2.0)  # imports and pools
+    # every worker process imported, connected and running its threads before anything is timed
+    # (a fixed pause was too short for spawned processes on a loaded machine)
+    for _ in children:
+        ready.get(timeout=300)
     ticks: list[tuple[float, float, float]] = []  # (start, wall ms, cpu ms)
     halt = threading.Event()
 
