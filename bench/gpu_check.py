@@ -252,7 +252,8 @@ def main() -> None:
     args.device, args.compile_backend = "cuda", "inductor"
     if args.dry_run:
         args.device, args.presets, args.batch, args.runs = "cpu", ["tiny"], [4], 1
-        args.diff_items, args.service_presets, args.service_items = 8, ["market-small"], 16
+        # market-small: the bundled weights; tiny: saved random weights, as market's on a GPU
+        args.diff_items, args.service_presets, args.service_items = 8, ["market-small", "tiny"], 16
         args.service_chunk, args.service_batch, args.det_batches = 8, 4, [1, 3, 4]
         args.budget_s = min(args.budget_s, 120.0)
         args.compile_backend = "eager"  # the torch.compile path without code generation

@@ -26,7 +26,8 @@ def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path: Path) -> None:
     assert len(result["throughput"]) == 5
     assert all(row["images_per_s"] > 0 for row in result["throughput"])
     assert result["bf16_vs_fp32"][0]["items"] == 8
-    service = result["service"][0]
-    assert service["state"] == "completed" and service["service_images_per_s"] > 0
+    assert [row["preset"] for row in result["service"]] == ["market-small", "tiny"]
+    for service in result["service"]:
+        assert service["state"] == "completed" and service["service_images_per_s"] > 0
     fp32 = next(r for r in result["determinism"] if r["precision"] == "fp32")
     assert fp32["repeatable"] and fp32["batches"] == [1, 3, 4]
