@@ -82,7 +82,7 @@ def _context(url: str, home: Path, pool_size: int) -> Any:
 
 def _worker_proc(
     url: str, home: str, redis_db: int, run: str, threads: int, pool: int, work_ms: float,
-    stop: Any, out: Any,
+    stop: Any, out: Any, ready: Any,
 ) -> None:  # fmt: skip
     import redis
 
@@ -117,9 +117,14 @@ def _worker_proc(
         with lock:
             records.extend(mine)
 
+    from sqlalchemy import text
+
+    with ctx.session() as session:  # connected and imported before the window opens
+        session.execute(text("SELECT 1"))
     pool_threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
     for thread in pool_threads:
         thread.start()
+    ready.put(os.getpid())
     for thread in pool_threads:
         thread.join()
     out.put({"records": records, "misses": misses[0]})
@@ -214,6 +219,40 @@ def measure_tick_costs(
     return result
 
 
+def _ticks_of(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _postgres_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in ("postgres", "postmaster"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _cpu_snapshot(children: list[int]) -> dict[str, float]:
+    """CPU seconds so far: the whole machine (busy), every postgres process (backends come and
+    go: the sum over those alive now), the worker processes and this process (dispatcher)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    busy = sum(int(v) for v in cpu) - int(cpu[3]) - int(cpu[4])  # minus idle and iowait
+    return {
+        "machine": busy / hz,
+        "postgres": sum(_ticks_of(p) for p in _postgres_pids()) / hz,
+        "workers": sum(_ticks_of(p) for p in children) / hz,
+        "dispatcher+bench": _ticks_of(os.getpid()) / hz,
+    }
+
+
 def _conns(admin: Any, name: str) -> int:
     row = admin.execute(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (name,)
@@ -239,18 +278,21 @@ def run_n(
         rds.lpush(KEY.format(run=run, queue=queue), chunk_id)
 
     mpctx = mp.get_context("spawn")
-    stop, out = mpctx.Event(), mpctx.Queue()
+    stop, out, ready = mpctx.Event(), mpctx.Queue(), mpctx.Queue()
     children = []
     for p in range(procs):
         threads = n // procs + (1 if p < n % procs else 0)
         child = mpctx.Process(
             target=_worker_proc,
             args=(url, str(home), args.redis_db, run, threads, min(pool, threads),
-                  args.work_ms, stop, out),
+                  args.work_ms, stop, out, ready),
         )  # fmt: skip
         child.start()
         children.append(child)
-    time.sleep(2.0)  # imports and pools
+    # every worker process imported, connected and running its threads before anything is timed
+    # (a fixed pause was too short for spawned processes on a loaded machine)
+    for _ in children:
+        ready.get(timeout=300)
     ticks: list[tuple[float, float, float]] = []  # (start, wall ms, cpu ms)
     halt = threading.Event()
 
@@ -269,9 +311,14 @@ def run_n(
     t_start = time.time() + args.warmup
     t_end = t_start + args.duration
     peak = 0
+    pids = [c.pid for c in children if c.pid is not None]
+    while time.time() < t_start:
+        time.sleep(0.05)
+    cpu_before = _cpu_snapshot(pids)
     while time.time() < t_end:
         peak = max(peak, _conns(admin, name))
         time.sleep(0.25)
+    cpu_after = _cpu_snapshot(pids)
     stop.set()
     halt.set()
     thread.join()
@@ -299,6 +346,12 @@ def run_n(
         "tick_ms_p95": round(_pct([t[1] for t in window], 0.95), 2),
         "tick_cpu_ms_p50": round(_pct([t[2] for t in window], 0.5), 2),
         "claim_misses": sum(res["misses"] for res in results),
+        # cores used in the window (CPU seconds ÷ duration); postgres is approximate (backends
+        # that exited in the window are missed, those started in it counted whole)
+        "cores_used": {
+            k: round((cpu_after[k] - cpu_before[k]) / args.duration, 2) for k in cpu_after
+        },
+        "load_average": round(os.getloadavg()[0], 2),
     }
 
 

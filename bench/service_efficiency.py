@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _png(image: Any) -> bytes:
-    """The worker's encoding (service/executor.py `_png`)."""
+    """The serial encoding the worker had before its encode pool (the same bytes as
+    `service.encoding.encode_uint8` with the default png options)."""
     from PIL import Image
 
     from dpig_core.imaging import to_uint8

@@ -35,6 +35,7 @@ from rich.text import Text
 
 from cli.client import SETTLED_STATES, ClientError, JobClient, get_client
 from cli.errors import fail
+from cli.output_format import FORMAT_HELP, parse_format
 
 submit_app = typer.Typer(
     help="Submit a generation job: a pose grid (--pose-grid), or sample, swap or interpolate.",
@@ -462,8 +463,23 @@ class ImageRefs:
         return {"uri": str(path), "keypoints": keypoints}
 
 
-def _common(model: str, seed: int, chunk_size: int | None, layout: str) -> dict[str, Any]:
-    return {"model": model, "seed": seed, "chunk_size": chunk_size, "layout": layout}
+def _common(
+    model: str, seed: int, chunk_size: int | None, layout: str, image_format: str
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "layout": layout,
+        "output": _output(image_format),
+    }
+
+
+def _output(image_format: str) -> dict[str, Any]:
+    try:
+        return parse_format(image_format)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def _submit(
@@ -518,6 +534,7 @@ def submit(
         None, "--chunk-size", help="Items per chunk (one shard each); default 1024."
     ),
     layout: str = typer.Option("webdataset", "--layout", help=LAYOUT_HELP),
+    image_format: str = typer.Option("png", "--format", help=FORMAT_HELP),
     max_sources: int | None = typer.Option(
         None, "--max-sources", help="Use only the first N source images (sorted)."
     ),
@@ -556,6 +573,7 @@ def submit(
             max_sources=max_sources,
             notes=notes,
         )
+        spec["output"] = _output(image_format)
     _submit(spec, detach=detach, as_json=as_json, notes=notes)
 
 
@@ -563,6 +581,7 @@ _MODEL = typer.Option("default", "--model", help="Model name (`dpig models list`
 _SEED = typer.Option(0, "--seed", help="Seed of every item's noise.")
 _CHUNK = typer.Option(None, "--chunk-size", help="Items per chunk (one shard each).")
 _LAYOUT = typer.Option("webdataset", "--layout", help=LAYOUT_HELP)
+_FORMAT = typer.Option("png", "--format", help=FORMAT_HELP)
 _DETACH = typer.Option(False, "--detach", help=DETACH_HELP)
 _JSON = typer.Option(False, "--json", help=JSON_HELP)
 _KEYPOINTS = typer.Option(
@@ -590,6 +609,7 @@ def submit_sample(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    image_format: str = _FORMAT,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -598,7 +618,10 @@ def submit_sample(
     A Virtual Market shares one foreground per identity. --fg/--bg/--pose fix that factor from a
     reference image instead of sampling it.
     """
-    spec: dict[str, Any] = {"kind": "sample", **_common(model, seed, chunk_size, layout)}
+    spec: dict[str, Any] = {
+        "kind": "sample",
+        **_common(model, seed, chunk_size, layout, image_format),
+    }
     for name, value in (("count", count), ("identities", identities)):
         if value is not None:
             spec[name] = value
@@ -644,6 +667,7 @@ def submit_swap(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    image_format: str = _FORMAT,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -673,7 +697,11 @@ def submit_swap(
                     continue
                 item[factor] = refs.ref(row[factor], f"items.{i}.{factor}")
             items.append(item)
-    spec = {"kind": "swap", "items": items, **_common(model, seed, chunk_size, layout)}
+    spec = {
+        "kind": "swap",
+        "items": items,
+        **_common(model, seed, chunk_size, layout, image_format),
+    }
     _submit(spec, detach=detach, as_json=as_json)
 
 
@@ -693,6 +721,7 @@ def submit_interpolate(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    image_format: str = _FORMAT,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -706,7 +735,7 @@ def submit_interpolate(
         "steps": steps,
         "method": method,
         "factors": [f.strip() for f in factors.split(",") if f.strip()],
-        **_common(model, seed, chunk_size, layout),
+        **_common(model, seed, chunk_size, layout, image_format),
     }
     _submit(spec, detach=detach, as_json=as_json)
 

@@ -140,7 +140,9 @@ class DPIGPipeline:
     Options: `precision` "bf16" / "fp16" autocasts the encoder and decoder (fp16 on CUDA only; Φ
     and the pose auto-encoder stay in fp32, because decoded keypoints are floored to pixels and a
     rounding change would move them); `channels_last` converts the convolutional networks;
-    `compile` wraps the decoder in torch.compile (True, or the name of a backend).
+    `compile` wraps the decoder in torch.compile (True, or the name of a backend);
+    `images_on_device` leaves rendered images on the device (float32), for a caller that converts
+    them there (the service's uint8 conversion), instead of copying them to the CPU.
     """
 
     def __init__(
@@ -152,8 +154,10 @@ class DPIGPipeline:
         batch_size: int = 32,
         channels_last: bool = False,
         compile: bool | str = False,
+        images_on_device: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        self.images_on_device = images_on_device
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":
@@ -195,14 +199,20 @@ class DPIGPipeline:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _run(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor | None) -> torch.Tensor:
-        """fn over the rows of `inputs` in padded micro-batches of `batch_size`; float32 CPU
-        output. None inputs are passed through as None."""
+    def _run(
+        self,
+        fn: Callable[..., torch.Tensor],
+        *inputs: torch.Tensor | None,
+        on_device: bool = False,
+    ) -> torch.Tensor:
+        """fn over the rows of `inputs` in padded micro-batches of `batch_size`; float32 output on
+        the CPU (on the device with `on_device`). None inputs are passed through as None."""
         n = next(t.shape[0] for t in inputs if t is not None)
         outputs = []
         for _, rows, idx in _padded_batches(n, self.batch_size):
             args = [None if t is None else t[idx].to(self.device) for t in inputs]
-            outputs.append(fn(*args)[:rows].float().cpu())
+            out = fn(*args)[:rows].float()
+            outputs.append(out if on_device else out.cpu())
         return torch.cat(outputs)
 
     # ------------------------------------------------------------------------------------------
@@ -249,13 +259,16 @@ class DPIGPipeline:
 
     @torch.inference_mode()
     def render(self, factors: Factors) -> torch.Tensor:
-        """The people described by `factors`: [N, 3, H, W] float32 on the CPU, about [−1, 1]."""
+        """The people described by `factors`: [N, 3, H, W] float32, about [−1, 1], on the CPU
+        (on the device with `images_on_device`)."""
 
         def decode(fg: torch.Tensor, bg: torch.Tensor | None, rcv: torch.Tensor) -> Any:
             with self._autocast():
                 return render(self.model, fg, bg, rcv, decoder=self._decoder)
 
-        return self._run(decode, factors.fg, factors.bg, factors.rcv)
+        return self._run(
+            decode, factors.fg, factors.bg, factors.rcv, on_device=self.images_on_device
+        )
 
     @torch.inference_mode()
     def map_noise(self, factor: str, z: torch.Tensor) -> torch.Tensor:

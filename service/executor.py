@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image
 
 from service import metrics
+from service.encode_pool import OrderedEncoder, shared_pool
+from service.encoding import to_uint8_batch
 from service.errors import tenant_reason
 from service.jobs import (
     Claim,
@@ -91,7 +93,11 @@ class PipelineCache:
                     raise JobError(409, f"model {name!r} changed since the job was submitted")
                 started = time.perf_counter()
                 self._pipes[key] = DPIGPipeline.from_pretrained(
-                    info.path, device=self.device, batch_size=self.batch_size, **self.options
+                    info.path,
+                    device=self.device,
+                    batch_size=self.batch_size,
+                    images_on_device=True,  # converted to uint8 there (to_uint8_batch)
+                    **self.options,
                 )
                 self.load_seconds[name] = time.perf_counter() - started
                 metrics.MODEL_LOAD.observe(self.load_seconds[name])
@@ -226,21 +232,13 @@ class _People:
         return found
 
 
-def _png(x: Any) -> bytes:
-    from dpig_core.imaging import to_uint8
-
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(x)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
 
 
 # ------------------------------------------------------------------------------------------------
-# per kind: yield (item, image tensor | ItemError, meta) in item order
+# per kind: yield (item, uint8 [H, W, 3] image | ItemError, meta) in item order
 
 
 def _sample(
@@ -259,7 +257,9 @@ def _sample(
                 return
     for batch in _batches(items, pipe.batch_size):
         with _stage("infer", len(batch)):
-            images = pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
+            images = to_uint8_batch(
+                pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
+            )
         for item, image in zip(batch, images, strict=True):
             meta: dict[str, Any] = {"item": item, "seed": spec.seed}
             if spec.per_identity:
@@ -332,7 +332,7 @@ def _pose_grid(
 
 def _transfer(pipe: Any, sources: Any, poses: Any, pairs: list[tuple[int, int]]) -> Any:
     with _stage("infer", len(pairs)):
-        return pipe.transfer(sources, poses, pairs=pairs)
+        return to_uint8_batch(pipe.transfer(sources, poses, pairs=pairs))
 
 
 def _swap(
@@ -349,7 +349,7 @@ def _swap(
             yield item, exc, meta
             continue
         with _stage("infer", 1):
-            image = pipe.swap(fg, bg, pose)[0]
+            image = to_uint8_batch(pipe.swap(fg, bg, pose))[0]
         yield item, image, meta
 
 
@@ -370,12 +370,14 @@ def _interpolate(
             try:
                 a, b = people.get(spec.pairs[pair].a), people.get(spec.pairs[pair].b)
                 with _stage("infer", spec.steps):
-                    paths[pair] = pipe.interpolate(
-                        a,
-                        b,
-                        spec.steps,
-                        method=spec.method,
-                        factors=[f for f in spec.factors if f in pipe.factors],
+                    paths[pair] = to_uint8_batch(
+                        pipe.interpolate(
+                            a,
+                            b,
+                            spec.steps,
+                            method=spec.method,
+                            factors=[f for f in spec.factors if f in pipe.factors],
+                        )
                     )
             except ItemError as exc:
                 paths[pair] = exc
@@ -395,9 +397,9 @@ def _items(
     return _interpolate(ctx, spec, pipe, items)
 
 
-def _market_name(item: int, meta: dict[str, Any]) -> str:
+def _market_name(item: int, meta: dict[str, Any], extension: str) -> str:
     identity = meta.get("identity", 0)
-    return f"{identity:04d}_c1s1_{item:06d}_00.png"
+    return f"{identity:04d}_c1s1_{item:06d}_00.{extension}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,46 +418,78 @@ def execute_chunk(
 
     Between micro-batches: stop (lease handed back, no commit) when `should_stop()` says so, and
     renew the lease once a third of it has passed, so a long chunk is not taken for a lost one.
+    The encode pool compresses micro-batch k while the model runs k+1; waiting on it runs the
+    same checks (`OrderedEncoder.ready`), and they run once more after the last image.
     """
     started = time.perf_counter()
     job = job_row(ctx, claim.job_id)
     spec = parse_spec(job.spec)
     with _stage("load"):
         pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
-    writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout)
+    fmt = spec.output
+    writer = ShardWriter(
+        ctx.storage, job_prefix(job.id), claim.index, spec.layout, fmt.extension, fmt.content_type
+    )
+    encoder = OrderedEncoder(
+        shared_pool(ctx.settings.encode_workers), fmt, max_pending=2 * pipe.batch_size
+    )
+    market_names = spec.layout == "files" and spec.kind == "sample" and bool(spec.per_identity)
     items = list(range(claim.item_start, claim.item_stop))
     renew_every = ctx.settings.lease_seconds / 3
+    poll_seconds = min(1.0, renew_every / 4)
     renewed = time.monotonic()
     since_check = 0
+    halted: list[str] = []
 
     def outcome(state: str) -> ChunkOutcome:
         seconds = time.perf_counter() - started
         metrics.CHUNK_ATTEMPTS.labels(state).inc()
         return ChunkOutcome(state, writer.done, writer.failed, seconds)
 
+    def checkpoint() -> bool:
+        """True (and the state in `halted`) when the chunk must stop here."""
+        nonlocal renewed
+        if should_stop():
+            halted.append("stopped")
+        elif time.monotonic() - renewed > renew_every:
+            if not renew_lease(ctx, claim):
+                halted.append("lost_lease")  # someone else owns the chunk now
+            renewed = time.monotonic()
+        return bool(halted)
+
+    def write_ready(drain: bool) -> None:
+        with _stage("upload"):  # waiting on the encode pool, and shard assembly
+            for done in encoder.ready(
+                drain=drain, checkpoint=checkpoint, poll_seconds=poll_seconds
+            ):
+                if done.error is not None:
+                    writer.fail(done.item, done.error, done.meta)
+                    metrics.ITEMS_FAILED.labels(metrics.failure_reason(done.error)).inc()
+                else:
+                    writer.add(done.item, done.data, done.meta, done.name, done.sha256)
+                progress(1)
+
+    def halt() -> ChunkOutcome:
+        encoder.cancel()
+        if halted[0] == "stopped":
+            release_chunk(ctx, claim)
+        return outcome(halted[0])
+
     for item, image, meta in _items(ctx, spec, pipe, items, job.id):
-        with _stage("upload"):  # PNG encoding and shard assembly
-            if isinstance(image, ItemError):
-                writer.fail(item, str(image), meta)
-                metrics.ITEMS_FAILED.labels(metrics.failure_reason(str(image))).inc()
-            else:
-                name = (
-                    _market_name(item, meta)
-                    if spec.layout == "files" and spec.kind == "sample" and spec.per_identity
-                    else None
-                )
-                writer.add(item, _png(image), meta, name)
-        progress(1)
+        if isinstance(image, ItemError):
+            encoder.put_error(item, str(image), meta)
+        else:
+            name = _market_name(item, meta, fmt.extension) if market_names else None
+            encoder.put(item, image, meta, name)
         since_check += 1
         if since_check >= pipe.batch_size:
             since_check = 0
-            if should_stop():
-                release_chunk(ctx, claim)
-                return outcome("stopped")
-            if time.monotonic() - renewed > renew_every:
-                if not renew_lease(ctx, claim):
-                    return outcome("lost_lease")  # someone else owns the chunk now
-                renewed = time.monotonic()
+            write_ready(drain=False)
+            if halted or checkpoint():
+                return halt()
+    write_ready(drain=True)
+    if halted or checkpoint():
+        return halt()
     with _stage("upload"):
         writer.write(
             {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}

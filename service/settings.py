@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=1024, ge=1)
     max_attempts: int = Field(default=5, ge=1)
     lease_seconds: int = Field(default=300, ge=1)
+    # threads that encode and hash images beside the model; None: the container's CPU quota;
+    # 0: encode in the model's thread, one image after another (no overlap)
+    encode_workers: int | None = Field(default=None, ge=0, le=256)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     max_items_per_job: int = Field(default=10_000_000, ge=1)
     max_active_jobs: int = Field(default=100, ge=0)

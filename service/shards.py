@@ -1,6 +1,6 @@
 """Job outputs (DESIGN §4): one shard per chunk, then a manifest written by the finaliser.
 
-A shard is `shards/NNNNNN.tar` (WebDataset: `<key>.png` + `<key>.json` per item),
+A shard is `shards/NNNNNN.tar` (WebDataset: `<key>.<png|webp|jpg>` + `<key>.json` per item),
 `shards/NNNNNN.parquet` (one row per item, failed ones included) and `shards/NNNNNN.done.json`
 (the commit marker: counts and the SHA-256 of the other two). With `layout=files` each image is
 its own object under `images/` instead of the tar. Everything is byte-for-byte reproducible: tar
@@ -55,6 +55,8 @@ class ShardWriter:
     prefix: str
     index: int
     layout: str = "webdataset"
+    extension: str = "png"  # the job's output format: png, webp or jpg
+    content_type: str = "image/png"
     rows: list[dict[str, Any]] = field(default_factory=list)
     _tar: io.BytesIO = field(default_factory=io.BytesIO)
     _files: list[tuple[str, bytes]] = field(default_factory=list)
@@ -69,19 +71,28 @@ class ShardWriter:
         info.uname = info.gname = ""
         self._archive.addfile(info, io.BytesIO(data))
 
-    def add(self, item: int, png: bytes, meta: dict[str, Any], name: str | None = None) -> None:
-        """A generated image; `name` is its file name in `layout=files` (default: the key)."""
+    def add(
+        self,
+        item: int,
+        image: bytes,
+        meta: dict[str, Any],
+        name: str | None = None,
+        sha256: str | None = None,
+    ) -> None:
+        """A generated image (`sha256`: its hash, if the encode pool made it already); `name` is
+        its file name in `layout=files` (default: the key)."""
         key = item_key(item)
         if self.layout == "files":
-            obj = f"images/{name or key + '.png'}"
-            self._files.append((obj, png))
+            obj = f"images/{name or f'{key}.{self.extension}'}"
+            self._files.append((obj, image))
         else:
-            obj = f"{shard_name(self.index)}.tar#{key}.png"
-            self._add(f"{key}.png", png)
+            obj = f"{shard_name(self.index)}.tar#{key}.{self.extension}"
+            self._add(f"{key}.{self.extension}", image)
             self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        digest = sha256 or hashlib.sha256(image).hexdigest()
         self.rows.append(
             self._row(item, "ok", None, meta)
-            | {"object": obj, "sha256": hashlib.sha256(png).hexdigest(), "bytes": len(png)}
+            | {"object": obj, "sha256": digest, "bytes": len(image)}
         )
 
     def fail(self, item: int, error: str, meta: dict[str, Any]) -> None:
@@ -126,7 +137,7 @@ class ShardWriter:
         }
         if self.layout == "files":
             for obj, data in self._files:
-                self.storage.put_bytes(self.prefix + obj, data, "image/png")
+                self.storage.put_bytes(self.prefix + obj, data, self.content_type)
         else:
             self._archive.close()
             tar = self._tar.getvalue()

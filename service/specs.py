@@ -20,6 +20,7 @@ NUM_KEYPOINTS = 18
 MAX_IMAGE_SIDE = 65_535
 Layout = Literal["webdataset", "files"]
 QueueName = Literal["interactive", "bulk"]
+ImageFormatName = Literal["png", "webp", "jpeg"]
 
 
 class _Strict(BaseModel):
@@ -89,6 +90,38 @@ class Pose(_Strict):
         return self
 
 
+class OutputFormat(_Strict):
+    """How each image is compressed: `png` (lossless; `compress_level` 0–9, default 6), `webp`
+    (`lossless`, or lossy at `quality` 1–100, default 90) or `jpeg` (`quality` 1–100, default 90).
+    An option of another format is refused rather than ignored."""
+
+    format: ImageFormatName = "png"
+    compress_level: int | None = Field(default=None, ge=0, le=9)
+    quality: int | None = Field(default=None, ge=1, le=100)
+    lossless: bool | None = None
+
+    @model_validator(mode="after")
+    def _options_fit_the_format(self) -> OutputFormat:
+        if self.compress_level is not None and self.format != "png":
+            raise ValueError(f"compress_level applies to png only, not {self.format}")
+        if self.lossless is not None and self.format != "webp":
+            raise ValueError(f"lossless applies to webp only, not {self.format}")
+        if self.quality is not None and self.format == "png":
+            raise ValueError("quality applies to webp and jpeg; png takes compress_level")
+        if self.quality is not None and self.lossless:
+            raise ValueError("quality applies to lossy webp; lossless webp takes none")
+        return self
+
+    @property
+    def extension(self) -> str:
+        """The file extension (WebDataset decodes by it): png, webp or jpg."""
+        return "jpg" if self.format == "jpeg" else self.format
+
+    @property
+    def content_type(self) -> str:
+        return f"image/{self.format}"
+
+
 class _Common(_Strict):
     model: str = Field(
         default="default",
@@ -99,6 +132,7 @@ class _Common(_Strict):
     seed: int = Field(default=0, ge=0, lt=2**63)
     chunk_size: int | None = Field(default=None, ge=1, le=100_000)
     layout: Layout = "webdataset"
+    output: OutputFormat = Field(default_factory=OutputFormat)
     queue: QueueName = "bulk"
     priority: int = Field(default=0, ge=-100, le=100)
 

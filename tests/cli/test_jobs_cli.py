@@ -646,3 +646,23 @@ def test_api_mode_bad_input_is_the_servers_422(
     monkeypatch.setenv("DPIG_API_KEY", "not-a-key-at-all")
     result = dpig("list")
     assert result.exit_code == 2 and "invalid or revoked API key (HTTP 401)" in result.stderr
+
+
+def test_format_picks_the_image_format_and_bad_values_are_refused(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    import webdataset as wds
+
+    job = grid(people, tmp_path, "--format", "webp:lossless")
+    assert spec_of(job)["output"] == {
+        "format": "webp", "lossless": True, "quality": None, "compress_level": None,
+    }  # fmt: skip
+    folder = job_dir(home, job)
+    manifest = pq.read_table(folder / "manifest.parquet").to_pylist()
+    assert all(r["object"].endswith(".webp") for r in manifest)
+    tars = sorted(str(p) for p in (folder / "shards").glob("*.tar"))
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == 6 and samples[0]["webp"].shape == (H, W, 3)
+    refused = dpig("submit", "sample", "--count", 2, "--format", "png:12")
+    assert refused.exit_code == 2 and "output.compress_level" in refused.output
+    assert "less than or equal to 9" in refused.output

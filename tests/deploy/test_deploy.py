@@ -227,6 +227,16 @@ def test_gpu_worker_requests_a_gpu_on_the_gpu_pool() -> None:
     assert env_from_configmaps(rendered("dev"), dev)["DPIG_DEVICE"] == "cpu"
 
 
+def test_gpu_worker_cpu_is_a_quota_that_sizes_the_encode_pool() -> None:
+    """requests = limits (the cgroup quota the encode pool reads), the same cores in compose."""
+    resources = container(find(rendered("gpu-prod"), "Deployment", "dpig-worker"))["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"] == "6"
+    limits = compose()["services"]["worker"]["deploy"]["resources"]["limits"]
+    assert limits["cpus"] == "6"
+    worker_env = compose()["services"]["worker"]["environment"]
+    assert "DPIG_ENCODE_WORKERS" not in worker_env  # from the quota
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_scaling_to_zero_on_outstanding_work(overlay: str) -> None:
     docs = rendered(overlay)

@@ -187,3 +187,11 @@ def test_phi_inversion_reduces_the_distance_tenfold_on_the_bundled_model(tmp_pat
             inv = pipe.invert(factor, codes, seed=1)
             ratio = inv.initial_distance.mean() / inv.final_distance.mean()
             assert ratio >= needed, f"{factor}: only {ratio:.1f}× closer"
+
+
+def test_images_on_device_gives_the_same_images() -> None:
+    torch.manual_seed(0)
+    model = DPIG(PRESETS["tiny"])
+    plain = DPIGPipeline(model, batch_size=3).sample([0, 1, 2, 3], seed=1)
+    kept = DPIGPipeline(model, batch_size=3, images_on_device=True).sample([0, 1, 2, 3], seed=1)
+    assert kept.dtype == torch.float32 and torch.equal(plain, kept)
