@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from service.executor import PipelineCache
     from service.jobs import Context
 
-Progress = Callable[[int], None]
+Progress = Callable[[int, int], None]  # (items finished, images made) since the last call
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 SETTLED_STATES = (*TERMINAL_STATES, "paused")  # states in which nothing happens by itself
 
@@ -222,7 +222,7 @@ class EmbeddedClient:
 
         self.get(job_id)  # 404 for another tenant's or an unknown job
         with _job_errors():
-            run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _n: None))
+            run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _f, _m: None))
         return self.get(job_id)
 
     def fetch(self, output: dict[str, str], target: Path) -> int:

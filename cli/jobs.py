@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cli import exit_codes
 from cli.client import SETTLED_STATES, ClientError, JobClient, get_client
 from cli.errors import fail
 
@@ -111,9 +112,11 @@ def local_path(uri: str | None) -> str | None:
 
 
 class _RateColumn(ProgressColumn):
+    """Images made per second: failed items advance the bar but make no image."""
+
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} images/s" if speed else "- images/s", style="progress.data.speed")
+        rate = task.fields.get("rate")
+        return Text(f"{rate:.1f} images/s" if rate else "- images/s", style="progress.data.speed")
 
 
 class JobBar:
@@ -136,7 +139,7 @@ class JobBar:
                 console=_err_console(),
             )
             self.progress.start()
-            self.task = self.progress.add_task(self._label(self.job), total=None)
+            self.task = self.progress.add_task(self._label(self.job), total=None, rate=None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,17 +150,26 @@ class JobBar:
     def _label(job: dict[str, Any]) -> str:
         return f"{job['kind']} {job['id'][:13]} {job['state']}"
 
-    def running(self, items: int) -> Callable[[int], None]:
-        """Switch to in-process counting of `items` items; returns the per-item callback."""
+    def running(self, items: int) -> Callable[[int, int], None]:
+        """Switch to in-process counting of `items` items; returns the executor's progress
+        callback (items finished, images made)."""
         if self.progress is None:
-            return lambda _n: None
-        self.progress.reset(self.task, total=items, completed=0)
+            return lambda _finished, _made: None
+        self.progress.reset(self.task, total=items, completed=0, rate=None)
         self.progress.update(self.task, description=self._label(self.job | {"state": "running"}))
         progress, task = self.progress, self.task
-        return lambda n: progress.advance(task, n)
+        started, made = time.monotonic(), 0
+
+        def advance(finished: int, new_images: int) -> None:
+            nonlocal made
+            made += new_images
+            rate = made / max(time.monotonic() - started, 1e-3)
+            progress.update(task, advance=finished, rate=rate)
+
+        return advance
 
     def show(self, job: dict[str, Any]) -> None:
-        """Polled progress: done + failed of the total."""
+        """Polled progress: done + failed of the total, at the job's own images/s."""
         self.job = job
         if self.progress is not None:
             self.progress.update(
@@ -165,6 +177,7 @@ class JobBar:
                 total=job["total_items"],
                 completed=job["done_items"] + job["failed_items"],
                 description=self._label(job),
+                rate=job.get("images_per_second"),
             )
 
 
@@ -192,7 +205,14 @@ def _interrupted(job_id: str) -> NoReturn:
         f"interrupted: job {job_id} keeps its finished chunks; `dpig watch {job_id}` goes on",
         err=True,
     )
-    raise typer.Exit(130)
+    raise typer.Exit(exit_codes.INTERRUPTED)
+
+
+def _exit_for(job: dict[str, Any]) -> None:
+    """End a command that followed `job` with the exit code of its outcome (cli.exit_codes)."""
+    code = exit_codes.for_job(job)
+    if code:
+        raise typer.Exit(code)
 
 
 def _summary(job: dict[str, Any]) -> str:
@@ -483,6 +503,8 @@ def _submit(
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    if not detach:
+        _exit_for(job)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -775,6 +797,7 @@ def watch(
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    _exit_for(job)
 
 
 def list_command(
@@ -809,7 +832,8 @@ def list_command(
 def _control(verb: str, job_id: str, *, run: bool, detach: bool, as_json: bool) -> None:
     with _client() as client:
         job = getattr(client, verb)(job_id)
-        if run and not detach and client.mode == "embedded":
+        followed = run and not detach and client.mode == "embedded"
+        if followed:
             try:
                 job = _follow(client, job, quiet=as_json)
             except KeyboardInterrupt:
@@ -818,6 +842,8 @@ def _control(verb: str, job_id: str, *, run: bool, detach: bool, as_json: bool) 
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    if followed:
+        _exit_for(job)
 
 
 def cancel(job_id: str = typer.Argument(..., metavar="JOB"), as_json: bool = _JSON) -> None:

@@ -42,7 +42,7 @@ from service.storage import parse_source_uri, storage_from_url
 
 log = logging.getLogger(__name__)
 StopCheck = Callable[[], bool]
-Progress = Callable[[int], None]
+Progress = Callable[[int, int], None]  # (items finished, images made) since the last call
 
 
 @contextmanager
@@ -407,7 +407,7 @@ def execute_chunk(
     pipes: PipelineCache,
     *,
     should_stop: StopCheck = lambda: False,
-    progress: Progress = lambda _n: None,
+    progress: Progress = lambda _finished, _made: None,
 ) -> ChunkOutcome:
     """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
     item's fault propagate (the caller releases the lease as a failed attempt).
@@ -443,7 +443,7 @@ def execute_chunk(
                     else None
                 )
                 writer.add(item, _png(image), meta, name)
-        progress(1)
+        progress(1, 0 if isinstance(image, ItemError) else 1)
         since_check += 1
         if since_check >= pipe.batch_size:
             since_check = 0

@@ -38,6 +38,7 @@ from service.db import (
 )
 from service.errors import JobError as JobError  # re-exported: callers import it from here
 from service.settings import Settings
+from service.source_checks import check_source_poses
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
     ImageSource,
@@ -241,9 +242,9 @@ def _view(job: Job, running_items: int, *, full: bool = False) -> JobView:
     if job.started_at is not None and finished:
         end = job.finished_at or utcnow()
         seconds = max((end - job.started_at).total_seconds(), 1e-3)
-        rate = round(finished / seconds, 2)
+        rate = round(job.done_items / seconds, 2)  # images made: a failed item is no image
         if job.state not in TERMINAL_JOB_STATES:
-            eta = round((job.total_items - finished) / rate, 1)
+            eta = round((job.total_items - finished) * seconds / finished, 1)
     return JobView(
         id=job.id,
         kind=job.kind,
@@ -461,6 +462,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     if spec.kind == "pose_grid":
         assert location is not None
         sources = _sources(ctx, location, spec)
+        check_source_poses(spec, sources)
     total = total_items(spec, sources)
     if total > max_items:
         raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")

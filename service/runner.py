@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Callable
 
 from service.db import JobState
-from service.executor import PipelineCache, execute_chunk
+from service.executor import PipelineCache, Progress, execute_chunk
 from service.jobs import (
     Context,
     claim_chunk,
@@ -28,7 +27,7 @@ def run_job(
     job_id: str,
     pipes: PipelineCache,
     *,
-    progress: Callable[[int], None] = lambda _n: None,
+    progress: Progress = lambda _finished, _made: None,
 ) -> str:
     """Run every runnable chunk of `job_id`, then finalise it; returns the job's state. A chunk
     that raises is released as a failed attempt and tried again until max_attempts."""

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli import exit_codes
 from cli.main import app
 from dpig_core.config import PRESETS
 from dpig_core.data.pose_files import write_pose_file
@@ -78,6 +79,13 @@ def ok(*args: Any) -> Any:
     """Run a command with --json; it must succeed; returns the parsed output."""
     result = dpig(*args, "--json")
     assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def ended(code: int, *args: Any) -> Any:
+    """Run a command with --json that follows a job; it must exit with `code`."""
+    result = dpig(*args, "--json")
+    assert result.exit_code == code, result.output
     return json.loads(result.stdout)
 
 
@@ -285,7 +293,7 @@ def test_pause_resume_cancel_and_watch(home: Path) -> None:
     assert job["state"] == "queued"
     assert ok("pause", job["id"])["state"] == "paused"
     # watch returns at once on a paused job; nothing runs
-    assert ok("watch", job["id"])["state"] == "paused"
+    assert ended(exit_codes.PAUSED, "watch", job["id"])["state"] == "paused"
     assert ok("resume", job["id"], "--detach")["state"] == "queued"
     assert ok("pause", job["id"])["state"] == "paused"
     resumed = ok("resume", job["id"])  # embedded: runs it here
@@ -322,7 +330,8 @@ def test_retry_reruns_failed_chunks_only(home: Path, people: Path, tmp_path: Pat
         W,
     )
     poses = pose_file(people, tmp_path / "poses.json", 2)
-    job = ok(
+    job = ended(
+        exit_codes.COMPLETED_WITH_FAILURES,
         "submit", "--pose-grid", poses, "--images", folder, "--keypoints", keypoints,
         "--chunk-size", 2,
     )  # fmt: skip
@@ -646,3 +655,119 @@ def test_api_mode_bad_input_is_the_servers_422(
     monkeypatch.setenv("DPIG_API_KEY", "not-a-key-at-all")
     result = dpig("list")
     assert result.exit_code == 2 and "invalid or revoked API key (HTTP 401)" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# exit codes (docs/jobs.md, "Exit codes")
+
+
+def broken_grid(people: Path, tmp_path: Path, *, broken: int, good: int = 0) -> list[Any]:
+    """`dpig submit --pose-grid` args over `good` real sources and `broken` unreadable ones,
+    all with keypoints: one pose, so one item per source."""
+    chosen = records(people)[: good + 1]
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    entries = []
+    for record in chosen[:good]:
+        shutil.copyfile(record.path, folder / record.path.name)
+        entries.append((record.path.name, record.rcv))
+    for i in range(broken):
+        (folder / f"zz_broken{i}.jpg").write_bytes(b"not an image")
+        entries.append((f"zz_broken{i}.jpg", chosen[-1].rcv))
+    write_pose_file(tmp_path / "keypoints.json", entries, H, W)
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    return ["submit", "--pose-grid", poses, "--images", folder, "--keypoints",
+            tmp_path / "keypoints.json"]  # fmt: skip
+
+
+def test_a_job_whose_items_all_failed_exits_failed(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    args = broken_grid(people, tmp_path, broken=3)
+    result = dpig(*args)
+    assert result.exit_code == exit_codes.FAILED == 4, result.output
+    job = ok("list")[0]
+    assert (job["state"], job["done_items"], job["failed_items"]) == ("failed", 0, 3)
+    # no image was made: no rate, neither in the summary nor in the view
+    assert job["images_per_second"] == 0.0
+    assert "images/s" not in result.stdout
+    assert ended(exit_codes.FAILED, "watch", job["id"])["state"] == "failed"
+    assert ended(exit_codes.FAILED, "retry", job["id"])["state"] == "failed"
+    # --detach follows nothing: the job was queued, exit 0
+    assert ok("retry", job["id"], "--detach")["state"] == "queued"
+
+
+def test_completed_with_failures_cancelled_and_paused_exit_codes(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    args = broken_grid(people, tmp_path, broken=1, good=1)
+    job = ended(exit_codes.COMPLETED_WITH_FAILURES, *args)
+    assert (job["state"], job["done_items"], job["failed_items"]) == ("completed", 1, 1)
+    assert ended(3, "watch", job["id"])["state"] == "completed"
+
+    queued = ok("submit", "sample", "--count", 2, "--detach")
+    assert ok("pause", queued["id"])["state"] == "paused"
+    assert ended(exit_codes.PAUSED, "watch", queued["id"])["state"] == "paused"
+    assert ended(exit_codes.OK, "resume", queued["id"])["state"] == "completed"
+
+    doomed = ok("submit", "sample", "--count", 2, "--detach")
+    assert ok("cancel", doomed["id"])["state"] == "cancelled"
+    assert ended(exit_codes.CANCELLED, "watch", doomed["id"])["state"] == "cancelled"
+
+
+def test_exit_codes_are_distinct_per_outcome() -> None:
+    def view(state: str, failed: int = 0) -> dict[str, Any]:
+        return {"state": state, "failed_items": failed}
+
+    codes = {
+        "completed": exit_codes.for_job(view("completed")),
+        "completed with failures": exit_codes.for_job(view("completed", 1)),
+        "failed": exit_codes.for_job(view("failed", 3)),
+        "cancelled": exit_codes.for_job(view("cancelled")),
+        "expired": exit_codes.for_job(view("expired")),
+        "paused": exit_codes.for_job(view("paused")),
+    }
+    assert codes == {
+        "completed": 0,
+        "completed with failures": 3,
+        "failed": 4,
+        "cancelled": 5,
+        "expired": 6,
+        "paused": 7,
+    }
+    assert exit_codes.REFUSED not in codes.values()
+
+
+def test_pose_grid_without_keypoints_or_estimator_is_refused(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    from dpig_core.data.pose_estimation import estimator_installed
+
+    assert not estimator_installed()  # the test environment has no mediapipe
+    folder = tmp_path / "photos"  # photos, no annotations
+    folder.mkdir()
+    for record in records(people)[:2]:
+        shutil.copyfile(record.path, folder / record.path.name)
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    result = dpig("submit", "--pose-grid", poses, "--images", folder)
+    assert result.exit_code == exit_codes.REFUSED, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: source_keypoints: 2 of 2 source images have no keypoints")
+    assert "--keypoints FILE" in message and "pip install 'dpig[pose]'" in message
+    assert ok("list") == []  # nothing was written
+
+
+def test_progress_bar_counts_only_images_made() -> None:
+    from cli.jobs import JobBar, _RateColumn
+
+    job = {"id": "j" * 13, "kind": "pose_grid", "state": "queued"}
+    with JobBar(job) as bar:
+        assert bar.progress is not None
+        advance = bar.running(4)
+        for _ in range(3):
+            advance(1, 0)  # a failed item
+        task = bar.progress.tasks[0]
+        assert (task.completed, task.fields["rate"]) == (3, 0)
+        assert str(_RateColumn().render(task)) == "- images/s"
+        advance(1, 1)
+        assert task.completed == 4 and task.fields["rate"] > 0
