@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from service import metrics
+from service import labels, metrics
 from service.jobs import (
     Claim,
     Context,
@@ -255,13 +255,19 @@ def _sample(
                 for item in items:
                     yield item, exc, {"seed": spec.seed}
                 return
+    fixed_from = {factor: getattr(spec, factor).uri for factor in fixed}
+    sampled = [factor for factor in pipe.factors if factor not in fixed]
     for batch in _batches(items, pipe.batch_size):
         with _stage("infer", len(batch)):
-            images = pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
-        for item, image in zip(batch, images, strict=True):
+            factors = pipe.sample_factors(
+                batch, spec.seed, per_identity=spec.per_identity, fixed=fixed
+            )
+            images = pipe.render(factors)
+        for row, (item, image) in enumerate(zip(batch, images, strict=True)):
             meta: dict[str, Any] = {"item": item, "seed": spec.seed}
             if spec.per_identity:
                 meta["identity"] = item // spec.per_identity
+            meta |= labels.sample(spec, item, factors.rcv[row], sampled, fixed_from)
             yield item, image, meta
 
 
@@ -325,6 +331,8 @@ def _pose_grid(
                 "pose": spec.poses[p].id or str(p),
                 "seed": spec.seed,
             }
+            given = (spec.source_keypoints or {}).get(sources[s])
+            meta |= labels.pose_grid(given, poses[p])
             yield item, by_item.get(item, errors.get(s)), meta
 
 
@@ -344,8 +352,9 @@ def _swap(
             fg, pose = people.get(row.fg), people.get(row.pose)
             bg = people.get(row.bg) if row.bg is not None else None
         except ItemError as exc:
-            yield item, exc, meta
+            yield item, exc, meta | labels.swap(row, None)
             continue
+        meta |= labels.swap(row, pose.rcv[0])
         with _stage("infer", 1):
             image = pipe.swap(fg, bg, pose)[0]
         yield item, image, meta
@@ -363,7 +372,7 @@ def _interpolate(
             "source": spec.pairs[pair].a.uri,
             "pose": str(step),
             "seed": spec.seed,
-        }
+        } | labels.interpolate(spec, pair, step)
         if pair not in paths:
             try:
                 a, b = people.get(spec.pairs[pair].a), people.get(spec.pairs[pair].b)

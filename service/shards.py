@@ -31,6 +31,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("pose", pa.string()),
         ("identity", pa.int64()),
         ("seed", pa.int64()),
+        ("keypoints", pa.list_(pa.list_(pa.float32()))),  # service.labels: [18][row, col, visible]
+        ("labels", pa.string()),  # JSON; DuckDB: labels->>'$.target_pose'
         ("object", pa.string()),
         ("sha256", pa.string()),
         ("bytes", pa.int64()),
@@ -99,6 +101,10 @@ class ShardWriter:
             "pose": meta.get("pose"),
             "identity": meta.get("identity"),
             "seed": meta.get("seed"),
+            "keypoints": meta.get("keypoints"),
+            "labels": None
+            if meta.get("labels") is None
+            else json.dumps(meta["labels"], sort_keys=True),
             "object": None,
             "sha256": None,
             "bytes": None,
@@ -158,7 +164,12 @@ def finalize_outputs(
     for index in sorted(done_chunks):
         data = storage.get_bytes(f"{prefix}{shard_name(index)}.parquet")
         tables.append(pq.read_table(io.BytesIO(data)))
-    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    # shards written before a column was added get it as nulls
+    table = (
+        pa.concat_tables(tables, promote_options="default")
+        if tables
+        else MANIFEST_SCHEMA.empty_table()
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.put_bytes(prefix + "manifest.parquet", sink.getvalue())
