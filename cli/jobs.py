@@ -543,6 +543,11 @@ def submit(
     max_sources: int | None = typer.Option(
         None, "--max-sources", help="Use only the first N source images (sorted)."
     ),
+    custom_ids: Path | None = typer.Option(
+        None,
+        "--custom-ids",
+        help='JSON object {"<source key>": "<your id>"}: every item of that source carries it.',
+    ),
     detach: bool = typer.Option(False, "--detach", help=DETACH_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -578,7 +583,21 @@ def submit(
             max_sources=max_sources,
             notes=notes,
         )
+    if custom_ids is not None:
+        spec["source_custom_ids"] = _read_custom_ids(custom_ids)
     _submit(spec, detach=detach, as_json=as_json, notes=notes)
+
+
+def _read_custom_ids(path: Path) -> dict[str, Any]:
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"custom-ids: {path}: cannot read ({exc})")
+    except json.JSONDecodeError as exc:
+        fail(f"custom-ids: {path}: not valid JSON ({exc.msg} at line {exc.lineno})")
+    if not isinstance(ids, dict):
+        fail(f'custom-ids: {path}: expected an object {{"<source key>": "<id>"}}')
+    return ids
 
 
 _MODEL = typer.Option("default", "--model", help="Model name (`dpig models list`).")
@@ -658,8 +677,8 @@ def submit_swap(
     from_file: Path | None = typer.Option(
         None,
         "--from-file",
-        help='JSON list of rows {"fg": IMG, "bg": IMG, "pose": IMG} (an IMG is a path, a URI or '
-        '{"uri", "keypoints"}).',
+        help='JSON list of rows {"fg": IMG, "bg": IMG, "pose": IMG, "custom_id": ID} (an IMG is a '
+        'path, a URI or {"uri", "keypoints"}; custom_id is optional).',
     ),
     keypoints: Path | None = _KEYPOINTS,
     model: str = _MODEL,
@@ -684,10 +703,10 @@ def submit_swap(
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 fail(f"items.{i}: expected an object with fg, bg and pose, got {row!r}")
-            unknown = set(row) - {"fg", "bg", "pose"}
+            unknown = set(row) - {"fg", "bg", "pose", "custom_id"}
             if unknown:
                 fail(f"items.{i}: unknown fields {sorted(unknown)}")
-            item = {}
+            item = {"custom_id": row["custom_id"]} if "custom_id" in row else {}
             for factor in ("fg", "bg", "pose"):
                 if row.get(factor) is None:
                     if factor != "bg":
@@ -710,6 +729,9 @@ def submit_interpolate(
     factors: str = typer.Option(
         "fg,bg,pose", "--factors", help="Comma-separated factors to interpolate."
     ),
+    custom_id: str | None = typer.Option(
+        None, "--custom-id", help="Your id for this request (1-64 of A-Z a-z 0-9 _ -)."
+    ),
     keypoints: Path | None = _KEYPOINTS,
     model: str = _MODEL,
     seed: int = _SEED,
@@ -721,7 +743,7 @@ def submit_interpolate(
     """Interpolate between two people, factor by factor."""
     with _client() as client:
         refs = ImageRefs(client, keypoints)
-        pair = {"a": refs.ref(a, "a"), "b": refs.ref(b, "b")}
+        pair = {"a": refs.ref(a, "a"), "b": refs.ref(b, "b"), "custom_id": custom_id}
     spec = {
         "kind": "interpolate",
         "pairs": [pair],

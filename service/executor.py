@@ -332,7 +332,8 @@ def _pose_grid(
                 "seed": spec.seed,
             }
             given = (spec.source_keypoints or {}).get(sources[s])
-            meta |= labels.pose_grid(given, poses[p])
+            custom_id = (spec.source_custom_ids or {}).get(sources[s])
+            meta |= labels.pose_grid(given, poses[p], custom_id)
             yield item, by_item.get(item, errors.get(s)), meta
 
 

@@ -38,7 +38,7 @@ from service.db import (
 )
 from service.errors import JobError as JobError  # re-exported: callers import it from here
 from service.settings import Settings
-from service.source_checks import check_source_poses
+from service.source_checks import check_source_custom_ids, check_source_poses
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
     ImageSource,
@@ -463,6 +463,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         assert location is not None
         sources = _sources(ctx, location, spec)
         check_source_poses(spec, sources)
+        check_source_custom_ids(spec, sources)
     total = total_items(spec, sources)
     if total > max_items:
         raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")

@@ -5,7 +5,8 @@ Every item's metadata (its `<key>.json` in the shard, and its manifest row) may 
 - `keypoints`: the COCO-18 pose the person was drawn in, RCV (row, col, visible) in the generated
   image's pixels; for `sample` the pose decoder's output, for `pose_grid` the target pose rescaled
   to the model's frame, for `swap` the pose image's keypoints; none for `interpolate`;
-- `labels`: what the kind knows about the item (see the functions below).
+- `labels`: what the kind knows about the item (see the functions below);
+- `custom_id`: the caller's id of the swap item, interpolate pair or pose-grid source.
 """
 
 from __future__ import annotations
@@ -34,16 +35,26 @@ def sample(
     return {"keypoints": keypoints(rcv), "labels": {"z_seeds": z_seeds, "fixed": dict(fixed)}}
 
 
-def pose_grid(source_keypoints: list[list[float]] | None, rcv: Any) -> dict[str, Any]:
+def pose_grid(
+    source_keypoints: list[list[float]] | None, rcv: Any, custom_id: str | None
+) -> dict[str, Any]:
     """A source in a target pose (the item's `source` key and `pose` id name both): the source's
     keypoints in its own pixels (null when they were estimated); the target's are `keypoints`."""
-    return {"keypoints": keypoints(rcv), "labels": {"source_keypoints": source_keypoints}}
+    return {
+        "keypoints": keypoints(rcv),
+        "labels": {"source_keypoints": source_keypoints},
+        "custom_id": custom_id,
+    }
 
 
 def swap(row: Any, rcv: Any | None) -> dict[str, Any]:
     """A recombination: the image that gave each factor."""
     inputs = {"fg": row.fg.uri, "bg": row.bg.uri if row.bg else None, "pose": row.pose.uri}
-    return {"keypoints": None if rcv is None else keypoints(rcv), "labels": inputs}
+    return {
+        "keypoints": None if rcv is None else keypoints(rcv),
+        "labels": inputs,
+        "custom_id": row.custom_id,
+    }
 
 
 def interpolate(spec: Any, pair: int, step: int) -> dict[str, Any]:
@@ -59,4 +70,5 @@ def interpolate(spec: Any, pair: int, step: int) -> dict[str, Any]:
             "method": spec.method,
             "factors": list(spec.factors),
         },
+        "custom_id": spec.pairs[pair].custom_id,
     }

@@ -25,6 +25,7 @@ MANIFEST_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("item", pa.int64()),
+        ("custom_id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("source", pa.string()),
@@ -95,6 +96,7 @@ class ShardWriter:
         return {
             "key": item_key(item),
             "item": item,
+            "custom_id": meta.get("custom_id"),
             "status": status,
             "error": error,
             "source": meta.get("source"),
@@ -179,7 +181,10 @@ def finalize_outputs(
         "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
     )
     errors = [
-        json.dumps({"key": r["key"], "item": r["item"], "error": r["error"]}) + "\n"
+        json.dumps(
+            {"key": r["key"], "item": r["item"], "custom_id": r["custom_id"], "error": r["error"]}
+        )
+        + "\n"
         for r in rows
         if r["status"] == "error"
     ]

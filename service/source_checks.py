@@ -24,3 +24,15 @@ def check_source_poses(spec: PoseGridSpec, sources: list[str]) -> None:
         "(--keypoints FILE, or the dataset's annotation CSV) or install one "
         "(pip install 'dpig[pose]')",
     )
+
+
+def check_source_custom_ids(spec: PoseGridSpec, sources: list[str]) -> None:
+    """Every key of `source_custom_ids` must name a listed source."""
+    listed = set(sources)
+    unknown = [key for key in spec.source_custom_ids or {} if key not in listed]
+    if unknown:
+        raise JobError(
+            422,
+            f"source_custom_ids: {len(unknown)} keys name no source image "
+            f"(first: {unknown[0][:200]!r}); keys are the images' keys under `images`",
+        )

@@ -771,3 +771,62 @@ def test_progress_bar_counts_only_images_made() -> None:
         assert str(_RateColumn().render(task)) == "- images/s"
         advance(1, 1)
         assert task.completed == 4 and task.fields["rate"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_id
+
+
+def test_custom_ids_round_trip_and_duplicates_are_refused(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    import webdataset as wds
+
+    a, b = (str(r.path) for r in records(people)[:2])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    keypoints = tmp_path / "keypoints.json"
+    write_pose_file(keypoints, [("broken.jpg", records(people)[0].rcv)], H, W)
+    rows = tmp_path / "items.json"
+    rows.write_text(json.dumps([
+        {"fg": a, "pose": b, "custom_id": "req-0"},
+        {"fg": b, "pose": a},
+        {"fg": str(broken), "pose": a, "custom_id": "req_2"},
+    ]))  # fmt: skip
+    job = ended(3, "submit", "swap", "--from-file", rows, "--keypoints", keypoints)
+    out = job_dir(home, job)
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["custom_id"] for r in manifest] == ["req-0", None, "req_2"]
+    samples = list(wds.WebDataset(str(out / "shards" / "000000.tar"), shardshuffle=False))
+    assert [json.loads(s["json"])["custom_id"] for s in samples] == ["req-0", None]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["item"], e["custom_id"]) for e in errors] == [(2, "req_2")]
+
+    job = ok("submit", "interpolate", "--a", a, "--b", b, "--steps", 2, "--custom-id", "walk-7")
+    rows_out = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [r["custom_id"] for r in rows_out] == ["walk-7", "walk-7"]
+
+    ids = tmp_path / "ids.json"
+    names = [r.path.name for r in records(people)[:2]]
+    ids.write_text(json.dumps({names[0]: "src-A", names[1]: "src-B"}))
+    job = grid(people, tmp_path, "--max-sources", 2, "--custom-ids", ids)
+    rows_out = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [(r["source"], r["custom_id"]) for r in rows_out] == [
+        (names[0], "src-A"),
+        (names[0], "src-A"),
+        (names[1], "src-B"),
+        (names[1], "src-B"),
+    ]
+
+    jobs_before = len(ok("list"))
+    rows.write_text(json.dumps([{"fg": a, "pose": b, "custom_id": "x"}] * 2))
+    twice = dpig("submit", "swap", "--from-file", rows)
+    assert twice.exit_code == 2
+    assert "items: Value error, custom_id 'x' is given twice (at 0 and 1)" in twice.stderr
+    bad = dpig("submit", "interpolate", "--a", a, "--b", b, "--custom-id", "no spaces")
+    assert bad.exit_code == 2 and "pairs.0.custom_id" in bad.stderr
+    ids.write_text(json.dumps({"nobody.jpg": "z"}))
+    unknown = dpig("submit", "--pose-grid", tmp_path / "poses.json", "--images",
+                   people / "bounding_box_train", "--custom-ids", ids)  # fmt: skip
+    assert unknown.exit_code == 2 and "source_custom_ids: 1 keys name no source" in unknown.stderr
+    assert len(ok("list")) == jobs_before  # nothing was written
