@@ -10,6 +10,7 @@ in this process (`run`), through the same lease → execute → commit path as t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -323,13 +324,45 @@ class HttpClient:
         return job
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return self.list_page(state=state, limit=limit)[0]
+
+    def list_page(
+        self, *, state: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None on the last)."""
         params: dict[str, Any] = {"limit": limit}
         if state is not None:
             params["state"] = state
-        jobs: list[dict[str, Any]] = _unwrap(
-            self._call("GET", "/v1/jobs", params=params), "jobs", "data", "items"
-        )
-        return jobs
+        if cursor is not None:
+            params["cursor"] = cursor
+        body = self._call("GET", "/v1/jobs", params=params)
+        jobs: list[dict[str, Any]] = _unwrap(body, "jobs", "data", "items")
+        return jobs, body.get("next_cursor") if isinstance(body, dict) else None
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's server-sent `progress` events (each a job view) until the stream ends."""
+        import httpx
+
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_detail(response))
+                event, data = "message", []
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        body = json.loads("\n".join(data))
+                        if event == "error":
+                            raise ClientError(f"events: {body.get('detail', body)}")
+                        if event == "progress":
+                            yield body
+                        event, data = "message", []
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the API at {self.base_url}: {exc}") from None
 
     def _control(self, verb: str, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}:{verb}")
