@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from service.jobs import Context
 
 Progress = Callable[[int, int], None]  # (items finished, images made) since the last call
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+TERMINAL_STATES = ("completed", "failed", "cancelled", "expired", "deleted")
 SETTLED_STATES = (*TERMINAL_STATES, "paused")  # states in which nothing happens by itself
 
 
@@ -98,10 +98,13 @@ class EmbeddedClient:
     def ctx(self) -> Context:
         if self._ctx is None:
             from service.jobs import open_context, tenant_id
+            from service.retention import delete_due, expire_due
 
             self.settings.ensure_dirs()
             self._ctx = open_context(self.settings, embedded=True)
             self._tenant = tenant_id(self._ctx)
+            expire_due(self._ctx)  # no dispatcher here: the cleaners run when the CLI starts
+            delete_due(self._ctx)
         return self._ctx
 
     @property

@@ -49,6 +49,12 @@ DETACH_HELP = (
     "Return once the job is queued. Embedded mode: nothing runs it until `dpig watch JOB`."
 )
 JSON_HELP = "Print machine-readable JSON (jobs as the API returns them)."
+_EXPIRES = typer.Option(
+    None, "--expires-after", help="Seconds: a job not finished by then becomes expired."
+)
+_RETAIN = typer.Option(
+    None, "--retain-days", help="Days the outputs are kept after the job finishes."
+)
 _FRAME_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
@@ -482,8 +488,22 @@ class ImageRefs:
         return {"uri": str(path), "keypoints": keypoints}
 
 
-def _common(model: str, seed: int, chunk_size: int | None, layout: str) -> dict[str, Any]:
-    return {"model": model, "seed": seed, "chunk_size": chunk_size, "layout": layout}
+def _common(
+    model: str,
+    seed: int,
+    chunk_size: int | None,
+    layout: str,
+    expires_after: int | None = None,
+    retain_days: int | None = None,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "layout": layout,
+        "expires_after": expires_after,
+        "retain_days": retain_days,
+    }
 
 
 def _submit(
@@ -543,6 +563,8 @@ def submit(
     max_sources: int | None = typer.Option(
         None, "--max-sources", help="Use only the first N source images (sorted)."
     ),
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
     custom_ids: Path | None = typer.Option(
         None,
         "--custom-ids",
@@ -585,6 +607,7 @@ def submit(
         )
     if custom_ids is not None:
         spec["source_custom_ids"] = _read_custom_ids(custom_ids)
+    spec |= {"expires_after": expires_after, "retain_days": retain_days}
     _submit(spec, detach=detach, as_json=as_json, notes=notes)
 
 
@@ -631,6 +654,8 @@ def submit_sample(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -639,7 +664,10 @@ def submit_sample(
     A Virtual Market shares one foreground per identity. --fg/--bg/--pose fix that factor from a
     reference image instead of sampling it.
     """
-    spec: dict[str, Any] = {"kind": "sample", **_common(model, seed, chunk_size, layout)}
+    spec: dict[str, Any] = {
+        "kind": "sample",
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
+    }
     for name, value in (("count", count), ("identities", identities)):
         if value is not None:
             spec[name] = value
@@ -685,6 +713,8 @@ def submit_swap(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -714,7 +744,11 @@ def submit_swap(
                     continue
                 item[factor] = refs.ref(row[factor], f"items.{i}.{factor}")
             items.append(item)
-    spec = {"kind": "swap", "items": items, **_common(model, seed, chunk_size, layout)}
+    spec = {
+        "kind": "swap",
+        "items": items,
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
+    }
     _submit(spec, detach=detach, as_json=as_json)
 
 
@@ -737,6 +771,8 @@ def submit_interpolate(
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -750,7 +786,7 @@ def submit_interpolate(
         "steps": steps,
         "method": method,
         "factors": [f.strip() for f in factors.split(",") if f.strip()],
-        **_common(model, seed, chunk_size, layout),
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
     }
     _submit(spec, detach=detach, as_json=as_json)
 
@@ -777,6 +813,9 @@ def _print_status(job: dict[str, Any]) -> None:
         ("created", job.get("created_at")),
         ("started", job.get("started_at")),
         ("finished", job.get("finished_at")),
+        ("expires", job.get("expires_at")),
+        ("retained", f"{job['retain_days']} days" if job.get("retain_days") else None),
+        ("deleted", job.get("deleted_at")),
         ("outputs", local_path(job.get("output_uri"))),
         ("error", job.get("error")),
     ]

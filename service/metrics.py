@@ -47,6 +47,8 @@ OUTSTANDING = Gauge(
     multiprocess_mode="livemax",
 )
 JOBS = Gauge("dpig_jobs", "Jobs by state.", ["state"], multiprocess_mode="livemax")
+JOBS_EXPIRED = Counter("dpig_jobs_expired_total", "Jobs stopped at their expires_at.")
+JOBS_DELETED = Counter("dpig_jobs_deleted_total", "Jobs whose outputs retention deleted.")
 
 FAILURE_REASONS = ("bad_input", "no_person", "error")
 OUTCOMES = ("committed", "failed", "lost_lease", "stopped", "expired", "dead")

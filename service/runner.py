@@ -17,9 +17,10 @@ from service.jobs import (
     release_chunk,
     requeue_expired,
 )
+from service.retention import expire_due
 
 log = logging.getLogger(__name__)
-STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED)
+STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED, JobState.EXPIRED)
 
 
 def run_job(
@@ -38,6 +39,9 @@ def run_job(
 
     requeue_expired(ctx, job_id)  # a chunk left running by a process that was killed
     while not should_stop():
+        expire_due(ctx)  # no dispatcher here: a job past its expires_at stops between chunks
+        if should_stop():
+            break
         claim = claim_chunk(ctx, owner, job_id=job_id)
         if claim is None:
             break

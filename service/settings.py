@@ -172,6 +172,9 @@ class Settings(BaseSettings):
     max_presign_seconds: int = Field(default=86_400, ge=1, le=7 * 24 * 3600)
     # A chunk is a row, a shard and a task: a cap keeps one request from writing millions of them.
     max_chunks_per_job: int = Field(default=100_000, ge=1)
+    # Job expiry and output retention (service.retention); a job's own value wins. None: never.
+    default_expires_after_s: int | None = Field(default=None, ge=60)
+    default_retain_days: int | None = Field(default=None, ge=1)
 
     @field_validator("home", mode="after")
     @classmethod

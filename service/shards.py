@@ -159,9 +159,12 @@ def finalize_outputs(
     dead_chunks: list[tuple[int, str | None]],
     *,
     cancelled: bool,
+    expired: list[tuple[int, int]] | None = None,
 ) -> dict[str, int]:
     """manifest.parquet and manifest.jsonl (every item of every committed shard, in item order),
-    errors.jsonl (failed items and dead chunks), and one of _SUCCESS / _CANCELLED / _FAILED."""
+    errors.jsonl (failed items and dead chunks), and one of _SUCCESS / _CANCELLED / _FAILED.
+    An expired job (`expired`: the item ranges never made) gets a row with status `expired` for
+    each of those items, and _EXPIRED."""
     tables = []
     for index in sorted(done_chunks):
         data = storage.get_bytes(f"{prefix}{shard_name(index)}.parquet")
@@ -172,6 +175,15 @@ def finalize_outputs(
         if tables
         else MANIFEST_SCHEMA.empty_table()
     )
+    if expired:
+        unmade = [
+            ShardWriter._row(item, "expired", None, {})
+            for start, stop in expired
+            for item in range(start, stop)
+        ]
+        table = pa.concat_tables(
+            [table, pa.Table.from_pylist(unmade, schema=table.schema)]
+        ).sort_by("item")
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.put_bytes(prefix + "manifest.parquet", sink.getvalue())
@@ -195,7 +207,12 @@ def finalize_outputs(
     ]
     storage.put_bytes(prefix + "errors.jsonl", "".join(errors).encode())
     done = sum(r["status"] == "ok" for r in rows)
-    summary = {"items": len(rows), "done": done, "failed": len(rows) - done}
-    marker = "_CANCELLED" if cancelled else ("_SUCCESS" if done else "_FAILED")
+    failed = sum(r["status"] == "error" for r in rows)
+    summary = {"items": len(rows), "done": done, "failed": failed}
+    if expired is not None:
+        summary["expired"] = len(rows) - done - failed
+        marker = "_EXPIRED"
+    else:
+        marker = "_CANCELLED" if cancelled else ("_SUCCESS" if done else "_FAILED")
     storage.put_bytes(prefix + marker, json.dumps(summary).encode())
     return summary

@@ -125,6 +125,20 @@ class _Common(_Strict):
     layout: Layout = "webdataset"
     queue: QueueName = "bulk"
     priority: int = Field(default=0, ge=-100, le=100)
+    expires_after: int | None = Field(
+        default=None,
+        ge=60,
+        le=366 * 86_400,
+        description="Seconds from submit: a job not finished by then becomes `expired` "
+        "(default: the operator's DPIG_DEFAULT_EXPIRES_AFTER_S; unset: never).",
+    )
+    retain_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days a finished job's outputs are kept before they are deleted "
+        "(default: the operator's DPIG_DEFAULT_RETAIN_DAYS; unset: forever).",
+    )
 
 
 FactorChoice = Literal["sample"] | ImageRef

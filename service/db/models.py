@@ -44,9 +44,13 @@ class JobState(StrEnum):
     PAUSED = "paused"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # not finished by expires_at: finished shards kept, a valid manifest
+    DELETED = "deleted"  # outputs deleted after retain_days (service.retention)
 
 
-TERMINAL_JOB_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+TERMINAL_JOB_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.DELETED}
+)
 
 
 class ChunkState(StrEnum):
@@ -178,6 +182,18 @@ class Job(Base):
         ),
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
         Index("ix_jobs_state_queue", "state", "queue"),
+        Index(
+            "ix_jobs_expires_at",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+            sqlite_where=text("expires_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_jobs_retain_finished",
+            "finished_at",
+            postgresql_where=text("retain_days IS NOT NULL AND deleted_at IS NULL"),
+            sqlite_where=text("retain_days IS NOT NULL AND deleted_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -205,6 +221,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # unfinished by then: expired
+    retain_days: Mapped[int | None] = mapped_column(Integer)  # outputs kept after finished_at
+    deleted_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=func.now()
     )

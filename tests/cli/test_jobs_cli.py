@@ -830,3 +830,26 @@ def test_custom_ids_round_trip_and_duplicates_are_refused(
                    people / "bounding_box_train", "--custom-ids", ids)  # fmt: skip
     assert unknown.exit_code == 2 and "source_custom_ids: 1 keys name no source" in unknown.stderr
     assert len(ok("list")) == jobs_before  # nothing was written
+
+
+def test_expired_job_exits_6_and_status_shows_expiry_and_retention(home: Path) -> None:
+    from datetime import datetime
+
+    from service.jobs import open_context
+    from service.retention import expire_due
+
+    job = ok("submit", "sample", "--count", 4, "--chunk-size", 2, "--expires-after", 60,
+             "--retain-days", 7, "--detach")  # fmt: skip
+    assert job["retain_days"] == 7 and job["expires_at"] is not None
+    shown = dpig("status", job["id"])
+    assert "retained  7 days" in shown.stdout and "expires  " in shown.stdout
+    ctx = open_context(get_settings(), embedded=True)
+    assert expire_due(ctx, now=datetime.fromisoformat(job["expires_at"])) == 1
+    expired = ended(exit_codes.EXPIRED, "watch", job["id"])
+    assert (expired["state"], expired["done_items"], expired["failed_items"]) == ("expired", 0, 0)
+    rows = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["expired"] * 4
+    bad = dpig("submit", "sample", "--count", 1, "--expires-after", 5)
+    assert bad.exit_code == 2 and "expires_after: Input should be greater than or equal to 60" in (
+        bad.stderr
+    )
