@@ -99,12 +99,14 @@ class EmbeddedClient:
         if self._ctx is None:
             from service.jobs import open_context, tenant_id
             from service.retention import delete_due, expire_due
+            from service.webhooks import deliver_due
 
             self.settings.ensure_dirs()
             self._ctx = open_context(self.settings, embedded=True)
             self._tenant = tenant_id(self._ctx)
             expire_due(self._ctx)  # no dispatcher here: the cleaners run when the CLI starts
             delete_due(self._ctx)
+            deliver_due(self._ctx)
         return self._ctx
 
     @property
@@ -225,8 +227,11 @@ class EmbeddedClient:
         from service.runner import run_job
 
         self.get(job_id)  # 404 for another tenant's or an unknown job
+        from service.webhooks import deliver_due
+
         with _job_errors():
             run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _f, _m: None))
+        deliver_due(self.ctx)
         return self.get(job_id)
 
     def fetch(self, output: dict[str, str], target: Path) -> int:

@@ -55,6 +55,9 @@ _EXPIRES = typer.Option(
 _RETAIN = typer.Option(
     None, "--retain-days", help="Days the outputs are kept after the job finishes."
 )
+_CALLBACK = typer.Option(
+    None, "--callback-url", help="Called (POST, signed) when the job reaches a terminal state."
+)
 _FRAME_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
@@ -495,8 +498,10 @@ def _common(
     layout: str,
     expires_after: int | None = None,
     retain_days: int | None = None,
+    callback_url: str | None = None,
 ) -> dict[str, Any]:
     return {
+        "callback_url": callback_url,
         "model": model,
         "seed": seed,
         "chunk_size": chunk_size,
@@ -565,6 +570,7 @@ def submit(
     ),
     expires_after: int | None = _EXPIRES,
     retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     custom_ids: Path | None = typer.Option(
         None,
         "--custom-ids",
@@ -608,6 +614,7 @@ def submit(
     if custom_ids is not None:
         spec["source_custom_ids"] = _read_custom_ids(custom_ids)
     spec |= {"expires_after": expires_after, "retain_days": retain_days}
+    spec["callback_url"] = callback_url
     _submit(spec, detach=detach, as_json=as_json, notes=notes)
 
 
@@ -656,6 +663,7 @@ def submit_sample(
     layout: str = _LAYOUT,
     expires_after: int | None = _EXPIRES,
     retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -666,7 +674,7 @@ def submit_sample(
     """
     spec: dict[str, Any] = {
         "kind": "sample",
-        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days, callback_url),
     }
     for name, value in (("count", count), ("identities", identities)):
         if value is not None:
@@ -715,6 +723,7 @@ def submit_swap(
     layout: str = _LAYOUT,
     expires_after: int | None = _EXPIRES,
     retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -747,7 +756,7 @@ def submit_swap(
     spec = {
         "kind": "swap",
         "items": items,
-        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days, callback_url),
     }
     _submit(spec, detach=detach, as_json=as_json)
 
@@ -773,6 +782,7 @@ def submit_interpolate(
     layout: str = _LAYOUT,
     expires_after: int | None = _EXPIRES,
     retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -786,7 +796,7 @@ def submit_interpolate(
         "steps": steps,
         "method": method,
         "factors": [f.strip() for f in factors.split(",") if f.strip()],
-        **_common(model, seed, chunk_size, layout, expires_after, retain_days),
+        **_common(model, seed, chunk_size, layout, expires_after, retain_days, callback_url),
     }
     _submit(spec, detach=detach, as_json=as_json)
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Table, case, func, select, text, tuple_, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from service import metrics
+from service import metrics, webhooks
 from service.db import (
     TERMINAL_JOB_STATES,
     Chunk,
@@ -466,6 +466,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         _check_quota(session, tenant_row, max_active, lock=False)
         scope = TenantScope(settings, session, tenant_row, embedded=ctx.embedded)
         _check_image_uris(scope, data)
+        webhooks.check_submit(settings, tenant, spec.callback_url)
         location = scope.source(spec.images, "images") if spec.kind == "pose_grid" else None
         session.expunge(tenant_row)
     sources = None
@@ -912,4 +913,5 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
         else:
             job.state = JobState.COMPLETED
         job.finished_at = utcnow()
+        webhooks.enqueue(session, job)
     return True

@@ -49,6 +49,9 @@ OUTSTANDING = Gauge(
 JOBS = Gauge("dpig_jobs", "Jobs by state.", ["state"], multiprocess_mode="livemax")
 JOBS_EXPIRED = Counter("dpig_jobs_expired_total", "Jobs stopped at their expires_at.")
 JOBS_DELETED = Counter("dpig_jobs_deleted_total", "Jobs whose outputs retention deleted.")
+WEBHOOK_DELIVERIES = Counter(
+    "dpig_webhook_attempts_total", "Webhook delivery attempts by outcome.", ["outcome"]
+)
 
 FAILURE_REASONS = ("bad_input", "no_person", "error")
 OUTCOMES = ("committed", "failed", "lost_lease", "stopped", "expired", "dead")
@@ -72,6 +75,8 @@ def touch_labels() -> None:
         STAGE_SECONDS.labels(stage)
     for outcome in OUTCOMES:
         CHUNK_ATTEMPTS.labels(outcome)
+    for outcome in ("delivered", "retry", "failed"):
+        WEBHOOK_DELIVERIES.labels(outcome)
 
 
 def exposition() -> tuple[bytes, str]:

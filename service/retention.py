@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from service import metrics
+from service import metrics, webhooks
 from service.db import Job, JobState, utcnow
 from service.jobs import Context, job_prefix, maybe_finalize  # jobs imports this module lazily
 from service.settings import Settings
@@ -87,6 +87,7 @@ def delete_due(ctx: Context, now: datetime | None = None) -> int:
             if job is None or job.state not in RETAINED:
                 continue
             job.state, job.deleted_at = JobState.DELETED, now
+            webhooks.enqueue(session, job)
         deleted += 1
         metrics.JOBS_DELETED.inc()
         log.info("job %s: outputs deleted after %d days", job_id, retain_days)

@@ -132,6 +132,13 @@ class _Common(_Strict):
         description="Seconds from submit: a job not finished by then becomes `expired` "
         "(default: the operator's DPIG_DEFAULT_EXPIRES_AFTER_S; unset: never).",
     )
+    callback_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Called (POST, signed) on every terminal state; its host must be on the "
+        "operator's allow-list (service.webhooks).",
+    )
     retain_days: int | None = Field(
         default=None,
         ge=1,

@@ -1,9 +1,10 @@
-"""The dataset builder's contract: job expiry and output retention.
+"""The dataset builder's contract: job expiry, output retention and webhook deliveries.
 
 Jobs gain `expires_at` (a job not finished by then becomes `expired`), `retain_days` (a finished
 job's outputs are deleted that many days after it finished, and it becomes `deleted`) and
 `deleted_at`; the state check admits `expired` and `deleted`. SQLite alters the table by copying
-it (batch mode).
+it (batch mode). `webhook_deliveries` records each notification of a job's terminal state to its
+`callback_url` and its attempts (service.webhooks).
 
 Revision ID: 0002
 Revises: 0001
@@ -90,6 +91,51 @@ def upgrade() -> None:
         batch.add_column(sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True))
         batch.drop_constraint(op.f("ck_jobs_state"), type_="check")
         batch.create_check_constraint("state", NEW_STATES)
+    op.create_table(
+        "webhook_deliveries",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+        sa.Column("job_id", sa.String(length=36), nullable=False),
+        sa.Column("tenant_id", sa.Integer(), nullable=False),
+        sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("event", sa.String(length=32), nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
+        sa.Column("state", sa.String(length=16), server_default="pending", nullable=False),
+        sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("last_status", sa.Integer(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+        ),
+        sa.Column(
+            "next_attempt_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.func.now(),
+            nullable=False,
+        ),
+        sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
+        sa.CheckConstraint(
+            "state IN ('pending', 'delivered', 'failed')",
+            name=op.f("ck_webhook_deliveries_state"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["job_id"],
+            ["jobs.id"],
+            name=op.f("fk_webhook_deliveries_job_id_jobs"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"], ["tenants.id"], name=op.f("fk_webhook_deliveries_tenant_id_tenants")
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_deliveries")),
+    )
+    op.create_index("ix_webhook_deliveries_job_id", "webhook_deliveries", ["job_id"])
+    op.create_index(
+        "ix_webhook_deliveries_due",
+        "webhook_deliveries",
+        ["next_attempt_at"],
+        postgresql_where=sa.text("state = 'pending'"),
+        sqlite_where=sa.text("state = 'pending'"),
+    )
     # the cleaners' scans: unfinished jobs by deadline, finished jobs by finish time
     op.create_index(
         "ix_jobs_expires_at",
@@ -108,6 +154,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("webhook_deliveries")
     op.drop_index("ix_jobs_retain_finished", table_name="jobs")
     op.drop_index("ix_jobs_expires_at", table_name="jobs")
     # the old check cannot hold expired or deleted jobs: they read as cancelled

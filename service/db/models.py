@@ -237,6 +237,36 @@ class Job(Base):
     )
 
 
+class WebhookDelivery(Base):
+    """One notification of a job's terminal state to its `callback_url`, with its attempts: sent
+    by `service.webhooks.deliver_due`, retried with backoff until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(32))  # job.completed, job.expired, ...
+    body: Mapped[str] = mapped_column(Text)  # exactly the bytes signed and sent
+    state: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    delivered_at: Mapped[datetime | None]
+
+
 class Chunk(Base):
     """A contiguous item range `[item_start, item_stop)` of a job: the unit of dispatch, retry,
     commit and output (one shard). A running chunk holds a lease renewed by heartbeat."""
