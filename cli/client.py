@@ -225,10 +225,9 @@ class EmbeddedClient:
     def run(self, job_id: str, *, progress: Progress | None = None) -> dict[str, Any]:
         """Run the job's pending chunks in this process, then finalise it."""
         from service.runner import run_job
-
-        self.get(job_id)  # 404 for another tenant's or an unknown job
         from service.webhooks import deliver_due
 
+        self.get(job_id)  # 404 for another tenant's or an unknown job
         with _job_errors():
             run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _f, _m: None))
         deliver_due(self.ctx)

@@ -455,6 +455,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     model = resolve_model(ctx, spec.model)
     data = spec_json(spec)
     settings = ctx.settings
+    webhooks.check_submit(settings, tenant, spec.callback_url)  # resolves the host: no session
     with ctx.session() as session:
         tenant_row = session.get(Tenant, tenant)
         if tenant_row is None:
@@ -466,7 +467,6 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         _check_quota(session, tenant_row, max_active, lock=False)
         scope = TenantScope(settings, session, tenant_row, embedded=ctx.embedded)
         _check_image_uris(scope, data)
-        webhooks.check_submit(settings, tenant, spec.callback_url)
         location = scope.source(spec.images, "images") if spec.kind == "pose_grid" else None
         session.expunge(tenant_row)
     sources = None
@@ -890,18 +890,23 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
         ).all()
         done_chunks = [c.index for c in chunks if c.state == ChunkState.DONE]
         dead = [(c.index, c.last_error) for c in chunks if c.state == ChunkState.DEAD]
-        unmade = [  # stopped before they ran: their items expired
-            (c.item_start, c.item_stop)
-            for c in chunks
-            if c.state == ChunkState.PENDING or (c.state == ChunkState.DEAD and not c.last_error)
-        ]
+        unmade = (  # stopped before they ran: their items expired
+            [
+                (c.item_start, c.item_stop)
+                for c in chunks
+                if c.state == ChunkState.PENDING
+                or (c.state == ChunkState.DEAD and not c.last_error)
+            ]
+            if expiring
+            else None
+        )
     summary = finalize_outputs(
         ctx.storage,
         job_prefix(job_id),
         done_chunks,
         dead,
         cancelled=cancelled,
-        expired=unmade if expiring else None,
+        expired=unmade,
     )
     with ctx.session() as session:
         job = session.get(Job, job_id, with_for_update=True)

@@ -33,7 +33,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("identity", pa.int64()),
         ("seed", pa.int64()),
         ("keypoints", pa.list_(pa.list_(pa.float32()))),  # service.labels: [18][row, col, visible]
-        ("labels", pa.string()),  # JSON; DuckDB: labels->>'$.target_pose'
+        ("labels", pa.string()),  # JSON; DuckDB: labels->>'$.z_seeds.pose'
         ("object", pa.string()),
         ("sha256", pa.string()),
         ("bytes", pa.int64()),
