@@ -215,13 +215,13 @@ def deliver_due(ctx: Any, now: datetime | None = None) -> int:
             if error is None:
                 row.state, row.delivered_at = "delivered", now
                 delivered += 1
-                outcome = "delivered"
+                result = "delivered"
             elif row.attempts >= settings.webhook_max_attempts:
-                row.state, outcome = "failed", "failed"
+                row.state, result = "failed", "failed"
             else:
                 wait = min(settings.webhook_backoff_s * 2 ** (row.attempts - 1), MAX_BACKOFF_S)
-                row.next_attempt_at, outcome = now + timedelta(seconds=wait), "retry"
-        metrics.WEBHOOK_DELIVERIES.labels(outcome).inc()
+                row.next_attempt_at, result = now + timedelta(seconds=wait), "retry"
+        metrics.WEBHOOK_ATTEMPTS.labels(result).inc()
         if error is not None:
-            log.warning("webhook %d to %s: %s (%s)", delivery_id, url, error, outcome)
+            log.warning("webhook %d to %s: %s (%s)", delivery_id, url, error, result)
     return delivered

@@ -64,12 +64,16 @@ CATALOGUE: dict[str, tuple[str, tuple[str, ...], str | None]] = {
     "dpig_work_items_outstanding": ("gauge", ("queue", "state"), None),
     "dpig_jobs": ("gauge", ("state",), None),
     "dpig_model_load_seconds": ("histogram", (), "seconds"),
+    "dpig_jobs_expired_total": ("counter", (), None),
+    "dpig_jobs_deleted_total": ("counter", (), None),
+    "dpig_webhook_attempts_total": ("counter", ("result",), None),
 }
 # Every value a label may take: the bounded sets a dashboard can rely on.
 LABEL_VALUES: dict[str, set[str]] = {
     "reason": set(metrics.FAILURE_REASONS),
     "stage": set(metrics.STAGES),
     "outcome": set(metrics.OUTCOMES),
+    "result": set(metrics.WEBHOOK_RESULTS),
     "queue": {q.value for q in Queue},
     "state": {s.value for s in ChunkState} | {s.value for s in JobState},
 }
