@@ -66,9 +66,10 @@ def test_poison_chunk_is_dead_lettered(stack: Any, e2e: Any, grid: list[str]) ->
     preload = [sys.executable, "-c", "import poison_preload; from cli.main import app; app()"]
     try:
         stack.restart("dispatcher", env={"DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+        # the preload's folder, and this checkout (not whichever one the venv installed)
+        here = f"{Path(__file__).parent}:{Path(__file__).parents[2]}"
         stack.restart_workers(
-            env={"PYTHONPATH": str(Path(__file__).parent), "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
-            command=preload,
+            env={"PYTHONPATH": here, "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}, command=preload
         )
         job = e2e.submit(*grid)
         e2e.wait_job(job["id"], ("completed", "failed", "cancelled"))
