@@ -473,7 +473,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     if spec.kind == "pose_grid":
         assert location is not None
         sources = _sources(ctx, location, spec)
-        check_source_poses(spec, sources)
+        check_source_poses(spec, sources, settings)
         check_source_custom_ids(spec, sources)
     total = total_items(spec, sources)
     if total > max_items:

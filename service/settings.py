@@ -175,6 +175,8 @@ class Settings(BaseSettings):
     # Job expiry and output retention (service.retention); a job's own value wins. None: never.
     default_expires_after_s: int | None = Field(default=None, ge=60)
     default_retain_days: int | None = Field(default=None, ge=1)
+    # Whether the workers have a pose estimator (the `pose` extra); None: whether this process has.
+    pose_estimator_installed: bool | None = None
     # Webhooks (service.webhooks): callback hosts must be on the allow-list ("host" or
     # "*.example.com"); private, loopback and link-local addresses only with allow_private.
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from service.errors import JobError
+from service.settings import Settings
 from service.specs import PoseGridSpec
 
 
-def check_source_poses(spec: PoseGridSpec, sources: list[str]) -> None:
-    """Refuse (422) sources without keypoints when nothing here can estimate them: every one of
-    their items would fail."""
+def check_source_poses(spec: PoseGridSpec, sources: list[str], settings: Settings) -> None:
+    """Refuse (422) sources without keypoints when the workers cannot estimate them: every one
+    of their items would fail. The workers can when `pose_estimator_installed` says so, or, unset,
+    when this process can (the API and the workers share one image by default)."""
     given = spec.source_keypoints or {}
     missing = [key for key in sources if key not in given]
     if not missing:
         return
     from dpig_core.data.pose_estimation import estimator_installed
 
-    if estimator_installed():
+    installed = settings.pose_estimator_installed
+    if installed if installed is not None else estimator_installed():
         return
     raise JobError(
         422,

@@ -853,3 +853,16 @@ def test_expired_job_exits_6_and_status_shows_expiry_and_retention(home: Path) -
     assert bad.exit_code == 2 and "expires_after: Input should be greater than or equal to 60" in (
         bad.stderr
     )
+
+
+def test_pose_grid_without_keypoints_is_accepted_where_the_workers_estimate(
+    home: Path, people: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copyfile(records(people)[0].path, folder / "a.png")
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    monkeypatch.setenv("DPIG_POSE_ESTIMATOR_INSTALLED", "true")  # the operator says so
+    get_settings.cache_clear()
+    job = ok("submit", "--pose-grid", poses, "--images", folder, "--detach")
+    assert (job["state"], job["total_items"]) == ("queued", 1)

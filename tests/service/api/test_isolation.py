@@ -19,15 +19,6 @@ Written = Callable[[], tuple[int, list[str]]]
 PNG = b"\x89PNG\r\n\x1a\n-not-decoded-at-submit"
 
 
-@pytest.fixture(autouse=True)
-def pose_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These grids list sources the tests do not annotate: say an estimator is installed, as a
-    deployment with the `pose` extra would (else such a grid is refused at submit)."""
-    from dpig_core.data import pose_estimation
-
-    monkeypatch.setattr(pose_estimation, "estimator_installed", lambda: True)
-
-
 def _keypoints() -> list[list[float]]:
     return [[10.0 + k, 10.0, 1.0] for k in range(18)]
 
@@ -71,6 +62,8 @@ def settings(
     """Outputs in s3://<bucket>/out; no global prefixes (the default), one prefix per tenant."""
     s3 = s3_server.settings(tmp_path / "home")
     return make_settings(
+        # these grids list sources the tests do not annotate: workers with the `pose` extra
+        pose_estimator_installed=True,
         storage_url=f"s3://{s3_bucket}/out",
         s3_endpoint_url=s3.s3_endpoint_url,
         s3_region=s3.s3_region,
@@ -220,6 +213,7 @@ def test_listing_is_capped_and_stops_early(
         s3.put_object(Bucket=s3_bucket, Key=f"alice/noise/{k}.txt", Body=b"x")
     base = s3_server.settings(tmp_path / "home")
     settings = make_settings(
+        pose_estimator_installed=True,
         storage_url=f"s3://{s3_bucket}/out",
         s3_endpoint_url=base.s3_endpoint_url,
         aws_access_key_id=base.aws_access_key_id,
