@@ -95,13 +95,13 @@ def iter_items(client: JobClient, job_id: str) -> Iterator[tuple[bytes, dict[str
 
 def export_job(client: JobClient, job_id: str, fmt: str, out: Path) -> dict[str, Any]:
     """Write the job as a `fmt` dataset under `out`; returns the writer's summary."""
-    from dpig_core.data.writers import WRITERS, ExportError
+    from dpig_core.data.writers import WRITERS, DatasetWriter, ExportError
 
     if fmt not in WRITERS:
         fail(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     if out.exists() and any(out.iterdir()):
         fail(f"out: {out} is not empty")
-    writer = None
+    writer: DatasetWriter | None = None
     try:
         for png, meta in iter_items(client, job_id):
             if writer is None:
