@@ -77,6 +77,28 @@ def create(
     typer.echo(clear)
 
 
+@keys_app.command("webhook-secret")
+def webhook_secret(
+    tenant: str = typer.Option(..., "--tenant", help="Tenant name."),
+) -> None:
+    """Print TENANT's webhook signing secret (HMAC-SHA256 key of `X-Dpig-Signature`); it is
+    derived from DPIG_WEBHOOK_SIGNING_KEY, so rotating that key rotates every tenant's."""
+    from sqlalchemy import select
+
+    from service.db import Tenant
+    from service.webhooks import CallbackRefused, tenant_secret
+
+    ctx = _context()
+    with ctx.session() as session:
+        tid = session.scalar(select(Tenant.id).where(Tenant.name == tenant))
+    if tid is None:
+        fail(f"--tenant: no tenant {tenant!r}")
+    try:
+        typer.echo(tenant_secret(ctx.settings, int(tid)))
+    except CallbackRefused as exc:
+        fail(str(exc))
+
+
 @keys_app.command("list")
 def list_keys(
     tenant: str = typer.Option(None, "--tenant", help="Only this tenant's keys."),

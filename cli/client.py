@@ -10,6 +10,7 @@ in this process (`run`), through the same lease → execute → commit path as t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from service.executor import PipelineCache
     from service.jobs import Context
 
-Progress = Callable[[int], None]
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+Progress = Callable[[int, int], None]  # (items finished, images made) since the last call
+TERMINAL_STATES = ("completed", "failed", "cancelled", "expired", "deleted")
 SETTLED_STATES = (*TERMINAL_STATES, "paused")  # states in which nothing happens by itself
 
 
@@ -97,10 +98,15 @@ class EmbeddedClient:
     def ctx(self) -> Context:
         if self._ctx is None:
             from service.jobs import open_context, tenant_id
+            from service.retention import delete_due, expire_due
+            from service.webhooks import deliver_due
 
             self.settings.ensure_dirs()
             self._ctx = open_context(self.settings, embedded=True)
             self._tenant = tenant_id(self._ctx)
+            expire_due(self._ctx)  # no dispatcher here: the cleaners run when the CLI starts
+            delete_due(self._ctx)
+            deliver_due(self._ctx)
         return self._ctx
 
     @property
@@ -219,10 +225,12 @@ class EmbeddedClient:
     def run(self, job_id: str, *, progress: Progress | None = None) -> dict[str, Any]:
         """Run the job's pending chunks in this process, then finalise it."""
         from service.runner import run_job
+        from service.webhooks import deliver_due
 
         self.get(job_id)  # 404 for another tenant's or an unknown job
         with _job_errors():
-            run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _n: None))
+            run_job(self.ctx, job_id, self.pipes, progress=progress or (lambda _f, _m: None))
+        deliver_due(self.ctx)
         return self.get(job_id)
 
     def fetch(self, output: dict[str, str], target: Path) -> int:
@@ -323,13 +331,45 @@ class HttpClient:
         return job
 
     def list_jobs(self, *, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        return self.list_page(state=state, limit=limit)[0]
+
+    def list_page(
+        self, *, state: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of jobs, newest first, and the cursor of the next (None on the last)."""
         params: dict[str, Any] = {"limit": limit}
         if state is not None:
             params["state"] = state
-        jobs: list[dict[str, Any]] = _unwrap(
-            self._call("GET", "/v1/jobs", params=params), "jobs", "data", "items"
-        )
-        return jobs
+        if cursor is not None:
+            params["cursor"] = cursor
+        body = self._call("GET", "/v1/jobs", params=params)
+        jobs: list[dict[str, Any]] = _unwrap(body, "jobs", "data", "items")
+        return jobs, body.get("next_cursor") if isinstance(body, dict) else None
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job's server-sent `progress` events (each a job view) until the stream ends."""
+        import httpx
+
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise ClientError(_detail(response))
+                event, data = "message", []
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].strip())
+                    elif not line and data:
+                        body = json.loads("\n".join(data))
+                        if event == "error":
+                            raise ClientError(f"events: {body.get('detail', body)}")
+                        if event == "progress":
+                            yield body
+                        event, data = "message", []
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach the API at {self.base_url}: {exc}") from None
 
     def _control(self, verb: str, job_id: str) -> dict[str, Any]:
         job: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}:{verb}")

@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from cli import exit_codes
 from cli.client import SETTLED_STATES, ClientError, JobClient, get_client
 from cli.errors import fail
 from cli.output_format import FORMAT_HELP, parse_format
@@ -49,6 +50,15 @@ DETACH_HELP = (
     "Return once the job is queued. Embedded mode: nothing runs it until `dpig watch JOB`."
 )
 JSON_HELP = "Print machine-readable JSON (jobs as the API returns them)."
+_EXPIRES = typer.Option(
+    None, "--expires-after", help="Seconds: a job not finished by then becomes expired."
+)
+_RETAIN = typer.Option(
+    None, "--retain-days", help="Days the outputs are kept after the job finishes."
+)
+_CALLBACK = typer.Option(
+    None, "--callback-url", help="Called (POST, signed) when the job reaches a terminal state."
+)
 _FRAME_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*(\d+)\s*$")
 
 
@@ -112,9 +122,11 @@ def local_path(uri: str | None) -> str | None:
 
 
 class _RateColumn(ProgressColumn):
+    """Images made per second: failed items advance the bar but make no image."""
+
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:.1f} images/s" if speed else "- images/s", style="progress.data.speed")
+        rate = task.fields.get("rate")
+        return Text(f"{rate:.1f} images/s" if rate else "- images/s", style="progress.data.speed")
 
 
 class JobBar:
@@ -137,7 +149,7 @@ class JobBar:
                 console=_err_console(),
             )
             self.progress.start()
-            self.task = self.progress.add_task(self._label(self.job), total=None)
+            self.task = self.progress.add_task(self._label(self.job), total=None, rate=None)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,17 +160,26 @@ class JobBar:
     def _label(job: dict[str, Any]) -> str:
         return f"{job['kind']} {job['id'][:13]} {job['state']}"
 
-    def running(self, items: int) -> Callable[[int], None]:
-        """Switch to in-process counting of `items` items; returns the per-item callback."""
+    def running(self, items: int) -> Callable[[int, int], None]:
+        """Switch to in-process counting of `items` items; returns the executor's progress
+        callback (items finished, images made)."""
         if self.progress is None:
-            return lambda _n: None
-        self.progress.reset(self.task, total=items, completed=0)
+            return lambda _finished, _made: None
+        self.progress.reset(self.task, total=items, completed=0, rate=None)
         self.progress.update(self.task, description=self._label(self.job | {"state": "running"}))
         progress, task = self.progress, self.task
-        return lambda n: progress.advance(task, n)
+        started, made = time.monotonic(), 0
+
+        def advance(finished: int, new_images: int) -> None:
+            nonlocal made
+            made += new_images
+            rate = made / max(time.monotonic() - started, 1e-3)
+            progress.update(task, advance=finished, rate=rate)
+
+        return advance
 
     def show(self, job: dict[str, Any]) -> None:
-        """Polled progress: done + failed of the total."""
+        """Polled progress: done + failed of the total, at the job's own images/s."""
         self.job = job
         if self.progress is not None:
             self.progress.update(
@@ -166,6 +187,7 @@ class JobBar:
                 total=job["total_items"],
                 completed=job["done_items"] + job["failed_items"],
                 description=self._label(job),
+                rate=job.get("images_per_second"),
             )
 
 
@@ -193,7 +215,14 @@ def _interrupted(job_id: str) -> NoReturn:
         f"interrupted: job {job_id} keeps its finished chunks; `dpig watch {job_id}` goes on",
         err=True,
     )
-    raise typer.Exit(130)
+    raise typer.Exit(exit_codes.INTERRUPTED)
+
+
+def _exit_for(job: dict[str, Any]) -> None:
+    """End a command that followed `job` with the exit code of its outcome (cli.exit_codes)."""
+    code = exit_codes.for_job(job)
+    if code:
+        raise typer.Exit(code)
 
 
 def _summary(job: dict[str, Any]) -> str:
@@ -464,14 +493,24 @@ class ImageRefs:
 
 
 def _common(
-    model: str, seed: int, chunk_size: int | None, layout: str, image_format: str
+    model: str,
+    seed: int,
+    chunk_size: int | None,
+    layout: str,
+    image_format: str,
+    expires_after: int | None = None,
+    retain_days: int | None = None,
+    callback_url: str | None = None,
 ) -> dict[str, Any]:
     return {
+        "callback_url": callback_url,
         "model": model,
         "seed": seed,
         "chunk_size": chunk_size,
         "layout": layout,
         "output": _output(image_format),
+        "expires_after": expires_after,
+        "retain_days": retain_days,
     }
 
 
@@ -499,6 +538,8 @@ def _submit(
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    if not detach:
+        _exit_for(job)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,6 +579,14 @@ def submit(
     max_sources: int | None = typer.Option(
         None, "--max-sources", help="Use only the first N source images (sorted)."
     ),
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
+    custom_ids: Path | None = typer.Option(
+        None,
+        "--custom-ids",
+        help='JSON object {"<source key>": "<your id>"}: every item of that source carries it.',
+    ),
     detach: bool = typer.Option(False, "--detach", help=DETACH_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -574,7 +623,23 @@ def submit(
             notes=notes,
         )
         spec["output"] = _output(image_format)
+    if custom_ids is not None:
+        spec["source_custom_ids"] = _read_custom_ids(custom_ids)
+    spec |= {"expires_after": expires_after, "retain_days": retain_days}
+    spec["callback_url"] = callback_url
     _submit(spec, detach=detach, as_json=as_json, notes=notes)
+
+
+def _read_custom_ids(path: Path) -> dict[str, Any]:
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"custom-ids: {path}: cannot read ({exc})")
+    except json.JSONDecodeError as exc:
+        fail(f"custom-ids: {path}: not valid JSON ({exc.msg} at line {exc.lineno})")
+    if not isinstance(ids, dict):
+        fail(f'custom-ids: {path}: expected an object {{"<source key>": "<id>"}}')
+    return ids
 
 
 _MODEL = typer.Option("default", "--model", help="Model name (`dpig models list`).")
@@ -610,6 +675,9 @@ def submit_sample(
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
     image_format: str = _FORMAT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -620,7 +688,9 @@ def submit_sample(
     """
     spec: dict[str, Any] = {
         "kind": "sample",
-        **_common(model, seed, chunk_size, layout, image_format),
+        **_common(
+            model, seed, chunk_size, layout, image_format, expires_after, retain_days, callback_url
+        ),
     }
     for name, value in (("count", count), ("identities", identities)):
         if value is not None:
@@ -659,8 +729,8 @@ def submit_swap(
     from_file: Path | None = typer.Option(
         None,
         "--from-file",
-        help='JSON list of rows {"fg": IMG, "bg": IMG, "pose": IMG} (an IMG is a path, a URI or '
-        '{"uri", "keypoints"}).',
+        help='JSON list of rows {"fg": IMG, "bg": IMG, "pose": IMG, "custom_id": ID} (an IMG is a '
+        'path, a URI or {"uri", "keypoints"}; custom_id is optional).',
     ),
     keypoints: Path | None = _KEYPOINTS,
     model: str = _MODEL,
@@ -668,6 +738,9 @@ def submit_swap(
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
     image_format: str = _FORMAT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
@@ -686,10 +759,10 @@ def submit_swap(
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 fail(f"items.{i}: expected an object with fg, bg and pose, got {row!r}")
-            unknown = set(row) - {"fg", "bg", "pose"}
+            unknown = set(row) - {"fg", "bg", "pose", "custom_id"}
             if unknown:
                 fail(f"items.{i}: unknown fields {sorted(unknown)}")
-            item = {}
+            item = {"custom_id": row["custom_id"]} if "custom_id" in row else {}
             for factor in ("fg", "bg", "pose"):
                 if row.get(factor) is None:
                     if factor != "bg":
@@ -700,7 +773,9 @@ def submit_swap(
     spec = {
         "kind": "swap",
         "items": items,
-        **_common(model, seed, chunk_size, layout, image_format),
+        **_common(
+            model, seed, chunk_size, layout, image_format, expires_after, retain_days, callback_url
+        ),
     }
     _submit(spec, detach=detach, as_json=as_json)
 
@@ -716,26 +791,34 @@ def submit_interpolate(
     factors: str = typer.Option(
         "fg,bg,pose", "--factors", help="Comma-separated factors to interpolate."
     ),
+    custom_id: str | None = typer.Option(
+        None, "--custom-id", help="Your id for this request (1-64 of A-Z a-z 0-9 _ -)."
+    ),
     keypoints: Path | None = _KEYPOINTS,
     model: str = _MODEL,
     seed: int = _SEED,
     chunk_size: int | None = _CHUNK,
     layout: str = _LAYOUT,
     image_format: str = _FORMAT,
+    expires_after: int | None = _EXPIRES,
+    retain_days: int | None = _RETAIN,
+    callback_url: str | None = _CALLBACK,
     detach: bool = _DETACH,
     as_json: bool = _JSON,
 ) -> None:
     """Interpolate between two people, factor by factor."""
     with _client() as client:
         refs = ImageRefs(client, keypoints)
-        pair = {"a": refs.ref(a, "a"), "b": refs.ref(b, "b")}
+        pair = {"a": refs.ref(a, "a"), "b": refs.ref(b, "b"), "custom_id": custom_id}
     spec = {
         "kind": "interpolate",
         "pairs": [pair],
         "steps": steps,
         "method": method,
         "factors": [f.strip() for f in factors.split(",") if f.strip()],
-        **_common(model, seed, chunk_size, layout, image_format),
+        **_common(
+            model, seed, chunk_size, layout, image_format, expires_after, retain_days, callback_url
+        ),
     }
     _submit(spec, detach=detach, as_json=as_json)
 
@@ -762,6 +845,9 @@ def _print_status(job: dict[str, Any]) -> None:
         ("created", job.get("created_at")),
         ("started", job.get("started_at")),
         ("finished", job.get("finished_at")),
+        ("expires", job.get("expires_at")),
+        ("retained", f"{job['retain_days']} days" if job.get("retain_days") else None),
+        ("deleted", job.get("deleted_at")),
         ("outputs", local_path(job.get("output_uri"))),
         ("error", job.get("error")),
     ]
@@ -804,6 +890,7 @@ def watch(
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    _exit_for(job)
 
 
 def list_command(
@@ -838,7 +925,8 @@ def list_command(
 def _control(verb: str, job_id: str, *, run: bool, detach: bool, as_json: bool) -> None:
     with _client() as client:
         job = getattr(client, verb)(job_id)
-        if run and not detach and client.mode == "embedded":
+        followed = run and not detach and client.mode == "embedded"
+        if followed:
             try:
                 job = _follow(client, job, quiet=as_json)
             except KeyboardInterrupt:
@@ -847,6 +935,8 @@ def _control(verb: str, job_id: str, *, run: bool, detach: bool, as_json: bool) 
             _echo_json(job)
         else:
             _print_job_result(job, client.mode)
+    if followed:
+        _exit_for(job)
 
 
 def cancel(job_id: str = typer.Argument(..., metavar="JOB"), as_json: bool = _JSON) -> None:

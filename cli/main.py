@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import api, data, demo, eval, jobs, model, train, worker
+from cli import api, data, demo, eval, export, jobs, model, train, worker
 
 app = typer.Typer(
     name="dpig",
@@ -18,6 +18,7 @@ app.add_typer(eval.app, name="eval")
 app.command("train")(train.train)
 app.command("demo")(demo.demo)
 jobs.register(app)
+app.command("export")(export.export)
 app.command("api")(api.api)
 app.add_typer(api.keys_app, name="keys")
 app.command("worker")(worker.worker)

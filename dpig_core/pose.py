@@ -268,6 +268,7 @@ def roi_boxes(
 _BODY25_TO_COCO18 = (0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 # COCO-17 index for each COCO-18 slot (neck = −1, synthesised).
 _COCO17_TO_COCO18 = (0, -1, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
+COCO17_OF_COCO18 = _COCO17_TO_COCO18  # the COCO-17 index of each COCO-18 slot; −1: the neck
 
 
 def from_xyc(points: Sequence[Sequence[float]], threshold: float = 0.0) -> FloatArray:

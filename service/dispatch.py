@@ -9,7 +9,9 @@ One `tick` does, in order:
    priority and then round-robin across tenants (a window function in SQL), oldest job first; a
    chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
    dependency (S3, say) does not burn through its attempts in seconds;
-4. finalise jobs whose chunks are all terminal, and refresh the gauges.
+4. finalise jobs whose chunks are all terminal, and refresh the gauges;
+5. expire unfinished jobs past their `expires_at`, and delete the outputs of finished jobs past
+   their `retain_days` (service.retention); send the webhooks that are due (service.webhooks).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from service import metrics
+from service import metrics, retention, webhooks
 from service.db import Chunk, ChunkState, Job, JobState, Queue, utcnow
 from service.jobs import Context, maybe_finalize, requeue_expired
 
@@ -248,6 +250,9 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
     for queue in queues:
         report.published[queue] = _publish(ctx, ready[queue], queue, publish)
     report.finalized = finalize_ready(ctx)
+    retention.expire_due(ctx)
+    retention.delete_due(ctx)
+    webhooks.deliver_due(ctx)
     now = time.monotonic()
     if config.gauges_every_s <= 0 or now - config.gauges_refreshed_at >= config.gauges_every_s:
         refresh_gauges(ctx)

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from service import metrics
+from service import labels, metrics
 from service.encode_pool import OrderedEncoder, shared_pool
 from service.encoding import to_uint8_batch
 from service.errors import tenant_reason
@@ -45,7 +45,7 @@ from service.storage import parse_source_uri, storage_from_url
 
 log = logging.getLogger(__name__)
 StopCheck = Callable[[], bool]
-Progress = Callable[[int], None]
+Progress = Callable[[int, int], None]  # (items finished, images made) since the last call
 
 
 @contextmanager
@@ -255,15 +255,19 @@ def _sample(
                 for item in items:
                     yield item, exc, {"seed": spec.seed}
                 return
+    fixed_from = {factor: getattr(spec, factor).uri for factor in fixed}
+    sampled = [factor for factor in pipe.factors if factor not in fixed]
     for batch in _batches(items, pipe.batch_size):
         with _stage("infer", len(batch)):
-            images = to_uint8_batch(
-                pipe.sample(batch, spec.seed, per_identity=spec.per_identity, fixed=fixed)
+            factors = pipe.sample_factors(
+                batch, spec.seed, per_identity=spec.per_identity, fixed=fixed
             )
-        for item, image in zip(batch, images, strict=True):
+            images = to_uint8_batch(pipe.render(factors))
+        for row, (item, image) in enumerate(zip(batch, images, strict=True)):
             meta: dict[str, Any] = {"item": item, "seed": spec.seed}
             if spec.per_identity:
                 meta["identity"] = item // spec.per_identity
+            meta |= labels.sample(spec, item, factors.rcv[row], sampled, fixed_from)
             yield item, image, meta
 
 
@@ -327,6 +331,9 @@ def _pose_grid(
                 "pose": spec.poses[p].id or str(p),
                 "seed": spec.seed,
             }
+            given = (spec.source_keypoints or {}).get(sources[s])
+            custom_id = (spec.source_custom_ids or {}).get(sources[s])
+            meta |= labels.pose_grid(given, poses[p], custom_id)
             yield item, by_item.get(item, errors.get(s)), meta
 
 
@@ -346,8 +353,9 @@ def _swap(
             fg, pose = people.get(row.fg), people.get(row.pose)
             bg = people.get(row.bg) if row.bg is not None else None
         except ItemError as exc:
-            yield item, exc, meta
+            yield item, exc, meta | labels.swap(row, None)
             continue
+        meta |= labels.swap(row, pose.rcv[0])
         with _stage("infer", 1):
             image = to_uint8_batch(pipe.swap(fg, bg, pose))[0]
         yield item, image, meta
@@ -365,7 +373,7 @@ def _interpolate(
             "source": spec.pairs[pair].a.uri,
             "pose": str(step),
             "seed": spec.seed,
-        }
+        } | labels.interpolate(spec, pair, step)
         if pair not in paths:
             try:
                 a, b = people.get(spec.pairs[pair].a), people.get(spec.pairs[pair].b)
@@ -411,7 +419,7 @@ def execute_chunk(
     pipes: PipelineCache,
     *,
     should_stop: StopCheck = lambda: False,
-    progress: Progress = lambda _n: None,
+    progress: Progress = lambda _finished, _made: None,
 ) -> ChunkOutcome:
     """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
     item's fault propagate (the caller releases the lease as a failed attempt).
@@ -467,7 +475,7 @@ def execute_chunk(
                     metrics.ITEMS_FAILED.labels(metrics.failure_reason(done.error)).inc()
                 else:
                     writer.add(done.item, done.data, done.meta, done.name, done.sha256)
-                progress(1)
+                progress(1, 0 if done.error is not None else 1)
 
     def halt() -> ChunkOutcome:
         encoder.cancel()

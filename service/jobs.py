@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Table, case, func, select, text, tuple_, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
-from service import metrics
+from service import metrics, webhooks
 from service.db import (
     TERMINAL_JOB_STATES,
     Chunk,
@@ -38,6 +38,7 @@ from service.db import (
 )
 from service.errors import JobError as JobError  # re-exported: callers import it from here
 from service.settings import Settings
+from service.source_checks import check_source_custom_ids, check_source_poses
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
     ImageSource,
@@ -50,7 +51,7 @@ from service.storage import (
 from service.tenancy import TenantScope, check_request, quota
 
 log = logging.getLogger(__name__)
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 DEFAULT_TENANT = "local"
 ACTIVE_STATES = (
     JobState.QUEUED,
@@ -230,6 +231,13 @@ class JobView(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    expires_at: datetime | None = Field(
+        default=None, description="Not finished by then: `expired` (null: never)."
+    )
+    retain_days: int | None = Field(
+        default=None, description="Outputs are deleted this many days after finishing."
+    )
+    deleted_at: datetime | None = Field(default=None, description="When retention deleted them.")
     spec: dict[str, Any] | None = Field(
         default=None, description="The job's spec: only in the full view (`?view=full`)."
     )
@@ -241,9 +249,9 @@ def _view(job: Job, running_items: int, *, full: bool = False) -> JobView:
     if job.started_at is not None and finished:
         end = job.finished_at or utcnow()
         seconds = max((end - job.started_at).total_seconds(), 1e-3)
-        rate = round(finished / seconds, 2)
+        rate = round(job.done_items / seconds, 2)  # images made: a failed item is no image
         if job.state not in TERMINAL_JOB_STATES:
-            eta = round((job.total_items - finished) / rate, 1)
+            eta = round((job.total_items - finished) * seconds / finished, 1)
     return JobView(
         id=job.id,
         kind=job.kind,
@@ -262,6 +270,9 @@ def _view(job: Job, running_items: int, *, full: bool = False) -> JobView:
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        expires_at=job.expires_at,
+        retain_days=job.retain_days,
+        deleted_at=job.deleted_at,
         spec=job.spec if full else None,
     )
 
@@ -444,6 +455,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     model = resolve_model(ctx, spec.model)
     data = spec_json(spec)
     settings = ctx.settings
+    webhooks.check_submit(settings, tenant, spec.callback_url)  # resolves the host: no session
     with ctx.session() as session:
         tenant_row = session.get(Tenant, tenant)
         if tenant_row is None:
@@ -461,9 +473,14 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
     if spec.kind == "pose_grid":
         assert location is not None
         sources = _sources(ctx, location, spec)
+        check_source_poses(spec, sources, settings)
+        check_source_custom_ids(spec, sources)
     total = total_items(spec, sources)
     if total > max_items:
         raise JobError(422, f"total_items: {total} items exceed the quota of {max_items}")
+    from service.retention import deadlines
+
+    expires_at, retain_days = deadlines(spec, settings, utcnow())
     chunks = -(-total // chunk_size)
     if chunks > settings.max_chunks_per_job:
         raise JobError(
@@ -483,6 +500,8 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         seed=spec.seed,
         total_items=total,
         chunk_size=chunk_size,
+        expires_at=expires_at,
+        retain_days=retain_days,
     )
     from service.db import new_id
 
@@ -826,7 +845,10 @@ def _recount(ctx: Context, job_id: str) -> None:
                 func.coalesce(
                     func.sum(
                         case(
-                            (Chunk.state == ChunkState.DEAD, Chunk.item_stop - Chunk.item_start),
+                            (  # dead of errors; a chunk stopped by a cancel failed nothing
+                                (Chunk.state == ChunkState.DEAD) & Chunk.last_error.is_not(None),
+                                Chunk.item_stop - Chunk.item_start,
+                            ),
                             else_=0,
                         )
                     ),
@@ -844,6 +866,7 @@ def _recount(ctx: Context, job_id: str) -> None:
 def maybe_finalize(ctx: Context, job_id: str) -> bool:
     """Finalise a job whose chunks are all terminal: write the manifest and the marker, set the
     final state. Returns whether this call finalised it."""
+    from service.retention import EXPIRED_ERROR
     from service.shards import finalize_outputs
 
     with ctx.session() as session:
@@ -862,22 +885,39 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
             return False
         if not cancelled:
             job.state = JobState.FINALIZING
+        expiring = cancelled and job.error == EXPIRED_ERROR
         chunks = session.scalars(
             select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)
         ).all()
         done_chunks = [c.index for c in chunks if c.state == ChunkState.DONE]
         dead = [(c.index, c.last_error) for c in chunks if c.state == ChunkState.DEAD]
+        unmade = (  # stopped before they ran: their items expired
+            [
+                (c.item_start, c.item_stop)
+                for c in chunks
+                if c.state == ChunkState.PENDING
+                or (c.state == ChunkState.DEAD and not c.last_error)
+            ]
+            if expiring
+            else None
+        )
     summary = finalize_outputs(
-        ctx.storage, job_prefix(job_id), done_chunks, dead, cancelled=cancelled
+        ctx.storage,
+        job_prefix(job_id),
+        done_chunks,
+        dead,
+        cancelled=cancelled,
+        expired=unmade,
     )
     with ctx.session() as session:
         job = session.get(Job, job_id, with_for_update=True)
         assert job is not None
         if cancelled:
-            job.state = JobState.CANCELLED
+            job.state = JobState.EXPIRED if expiring else JobState.CANCELLED
         elif summary["done"] == 0 and job.total_items:
             job.state, job.error = JobState.FAILED, "every item failed (see errors.jsonl)"
         else:
             job.state = JobState.COMPLETED
         job.finished_at = utcnow()
+        webhooks.enqueue(session, job)
     return True

@@ -47,9 +47,15 @@ OUTSTANDING = Gauge(
     multiprocess_mode="livemax",
 )
 JOBS = Gauge("dpig_jobs", "Jobs by state.", ["state"], multiprocess_mode="livemax")
+JOBS_EXPIRED = Counter("dpig_jobs_expired_total", "Jobs stopped at their expires_at.")
+JOBS_DELETED = Counter("dpig_jobs_deleted_total", "Jobs whose outputs retention deleted.")
+WEBHOOK_ATTEMPTS = Counter(
+    "dpig_webhook_attempts_total", "Webhook delivery attempts by result.", ["result"]
+)
 
 FAILURE_REASONS = ("bad_input", "no_person", "error")
 OUTCOMES = ("committed", "failed", "lost_lease", "stopped", "expired", "dead")
+WEBHOOK_RESULTS = ("delivered", "retry", "failed")
 
 
 def failure_reason(message: str) -> str:
@@ -70,6 +76,8 @@ def touch_labels() -> None:
         STAGE_SECONDS.labels(stage)
     for outcome in OUTCOMES:
         CHUNK_ATTEMPTS.labels(outcome)
+    for result in WEBHOOK_RESULTS:
+        WEBHOOK_ATTEMPTS.labels(result)
 
 
 def exposition() -> tuple[bytes, str]:

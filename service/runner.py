@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 from service.db import JobState
 from service.errors import tenant_reason
-from service.executor import PipelineCache, execute_chunk
+from service.executor import PipelineCache, Progress, execute_chunk
 from service.jobs import (
     Context,
     claim_chunk,
@@ -18,9 +17,10 @@ from service.jobs import (
     release_chunk,
     requeue_expired,
 )
+from service.retention import expire_due
 
 log = logging.getLogger(__name__)
-STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED)
+STOP_STATES = (JobState.PAUSED, JobState.CANCELLING, JobState.CANCELLED, JobState.EXPIRED)
 
 
 def run_job(
@@ -28,7 +28,7 @@ def run_job(
     job_id: str,
     pipes: PipelineCache,
     *,
-    progress: Callable[[int], None] = lambda _n: None,
+    progress: Progress = lambda _finished, _made: None,
 ) -> str:
     """Run every runnable chunk of `job_id`, then finalise it; returns the job's state. A chunk
     that raises is released as a failed attempt and tried again until max_attempts."""
@@ -39,6 +39,9 @@ def run_job(
 
     requeue_expired(ctx, job_id)  # a chunk left running by a process that was killed
     while not should_stop():
+        expire_due(ctx)  # no dispatcher here: a job past its expires_at stops between chunks
+        if should_stop():
+            break
         claim = claim_chunk(ctx, owner, job_id=job_id)
         if claim is None:
             break

@@ -175,6 +175,19 @@ class Settings(BaseSettings):
     max_presign_seconds: int = Field(default=86_400, ge=1, le=7 * 24 * 3600)
     # A chunk is a row, a shard and a task: a cap keeps one request from writing millions of them.
     max_chunks_per_job: int = Field(default=100_000, ge=1)
+    # Job expiry and output retention (service.retention); a job's own value wins. None: never.
+    default_expires_after_s: int | None = Field(default=None, ge=60)
+    default_retain_days: int | None = Field(default=None, ge=1)
+    # Whether the workers have a pose estimator (the `pose` extra); None: whether this process has.
+    pose_estimator_installed: bool | None = None
+    # Webhooks (service.webhooks): callback hosts must be on the allow-list ("host" or
+    # "*.example.com"); private, loopback and link-local addresses only with allow_private.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_allow_private: bool = False
+    webhook_signing_key: SecretStr | None = None  # derives each tenant's HMAC secret
+    webhook_max_attempts: int = Field(default=8, ge=1, le=50)
+    webhook_backoff_s: float = Field(default=10.0, gt=0)  # doubles per attempt, up to 1 h
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=60)
 
     @field_validator("home", mode="after")
     @classmethod
@@ -196,7 +209,12 @@ class Settings(BaseSettings):
         return normalize_location(value, field="storage_url")
 
     @field_validator(
-        "allowed_source_prefixes", "model_dirs", "default_queues", "source_formats", mode="before"
+        "allowed_source_prefixes",
+        "model_dirs",
+        "default_queues",
+        "source_formats",
+        "webhook_allowed_hosts",
+        mode="before",
     )
     @classmethod
     def _list_from_string(cls, value: Any) -> Any:

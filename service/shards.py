@@ -25,12 +25,15 @@ MANIFEST_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("item", pa.int64()),
+        ("custom_id", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("source", pa.string()),
         ("pose", pa.string()),
         ("identity", pa.int64()),
         ("seed", pa.int64()),
+        ("keypoints", pa.list_(pa.list_(pa.float32()))),  # service.labels: [18][row, col, visible]
+        ("labels", pa.string()),  # JSON; DuckDB: labels->>'$.z_seeds.pose'
         ("object", pa.string()),
         ("sha256", pa.string()),
         ("bytes", pa.int64()),
@@ -104,12 +107,17 @@ class ShardWriter:
         return {
             "key": item_key(item),
             "item": item,
+            "custom_id": meta.get("custom_id"),
             "status": status,
             "error": error,
             "source": meta.get("source"),
             "pose": meta.get("pose"),
             "identity": meta.get("identity"),
             "seed": meta.get("seed"),
+            "keypoints": meta.get("keypoints"),
+            "labels": None
+            if meta.get("labels") is None
+            else json.dumps(meta["labels"], sort_keys=True),
             "object": None,
             "sha256": None,
             "bytes": None,
@@ -162,14 +170,31 @@ def finalize_outputs(
     dead_chunks: list[tuple[int, str | None]],
     *,
     cancelled: bool,
+    expired: list[tuple[int, int]] | None = None,
 ) -> dict[str, int]:
     """manifest.parquet and manifest.jsonl (every item of every committed shard, in item order),
-    errors.jsonl (failed items and dead chunks), and one of _SUCCESS / _CANCELLED / _FAILED."""
+    errors.jsonl (failed items and dead chunks), and one of _SUCCESS / _CANCELLED / _FAILED.
+    An expired job (`expired`: the item ranges never made) gets a row with status `expired` for
+    each of those items, and _EXPIRED."""
     tables = []
     for index in sorted(done_chunks):
         data = storage.get_bytes(f"{prefix}{shard_name(index)}.parquet")
         tables.append(pq.read_table(io.BytesIO(data)))
-    table = pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+    # shards written before a column was added get it as nulls
+    table = (
+        pa.concat_tables(tables, promote_options="default")
+        if tables
+        else MANIFEST_SCHEMA.empty_table()
+    )
+    if expired:
+        unmade = [
+            ShardWriter._row(item, "expired", None, {})
+            for start, stop in expired
+            for item in range(start, stop)
+        ]
+        table = pa.concat_tables(
+            [table, pa.Table.from_pylist(unmade, schema=table.schema)]
+        ).sort_by("item")
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.put_bytes(prefix + "manifest.parquet", sink.getvalue())
@@ -179,7 +204,10 @@ def finalize_outputs(
         "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
     )
     errors = [
-        json.dumps({"key": r["key"], "item": r["item"], "error": r["error"]}) + "\n"
+        json.dumps(
+            {"key": r["key"], "item": r["item"], "custom_id": r["custom_id"], "error": r["error"]}
+        )
+        + "\n"
         for r in rows
         if r["status"] == "error"
     ]
@@ -190,7 +218,12 @@ def finalize_outputs(
     ]
     storage.put_bytes(prefix + "errors.jsonl", "".join(errors).encode())
     done = sum(r["status"] == "ok" for r in rows)
-    summary = {"items": len(rows), "done": done, "failed": len(rows) - done}
-    marker = "_CANCELLED" if cancelled else ("_SUCCESS" if done else "_FAILED")
+    failed = sum(r["status"] == "error" for r in rows)
+    summary = {"items": len(rows), "done": done, "failed": failed}
+    if expired is not None:
+        summary["expired"] = len(rows) - done - failed
+        marker = "_EXPIRED"
+    else:
+        marker = "_CANCELLED" if cancelled else ("_SUCCESS" if done else "_FAILED")
     storage.put_bytes(prefix + marker, json.dumps(summary).encode())
     return summary

@@ -49,6 +49,30 @@ def check_keypoints(value: list[list[float]]) -> list[list[float]]:
 
 
 Keypoints = Annotated[list[list[float]], Field(description="18 × (row, col, visible), pixels")]
+CustomId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Caller-chosen id (1–64 of A–Z a–z 0–9 _ -), unique within the job; it "
+        "appears in the manifest, the shard metadata and errors.jsonl.",
+    ),
+]
+
+
+def check_unique_ids(ids: list[str | None]) -> None:
+    """Refuse a custom_id given twice within one job."""
+    seen: dict[str, int] = {}
+    for index, value in enumerate(ids):
+        if value is None:
+            continue
+        if value in seen:
+            raise ValueError(
+                f"custom_id {value!r} is given twice (at {seen[value]} and {index}); "
+                "custom ids must be unique within a job"
+            )
+        seen[value] = index
 
 
 class ImageRef(_Strict):
@@ -135,6 +159,27 @@ class _Common(_Strict):
     output: OutputFormat = Field(default_factory=OutputFormat)
     queue: QueueName = "bulk"
     priority: int = Field(default=0, ge=-100, le=100)
+    expires_after: int | None = Field(
+        default=None,
+        ge=60,
+        le=366 * 86_400,
+        description="Seconds from submit: a job not finished by then becomes `expired` "
+        "(default: the operator's DPIG_DEFAULT_EXPIRES_AFTER_S; unset: never).",
+    )
+    callback_url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="Called (POST, signed) on every terminal state; its host must be on the "
+        "operator's allow-list (service.webhooks).",
+    )
+    retain_days: int | None = Field(
+        default=None,
+        ge=1,
+        le=36_500,
+        description="Days a finished job's outputs are kept before they are deleted "
+        "(default: the operator's DPIG_DEFAULT_RETAIN_DAYS; unset: forever).",
+    )
 
 
 FactorChoice = Literal["sample"] | ImageRef
@@ -183,7 +228,16 @@ class PoseGridSpec(_Common):
     )
     poses: list[Pose] = Field(min_length=1, max_length=100_000)
     source_keypoints: dict[str, Keypoints] | None = None
+    source_custom_ids: dict[str, CustomId] | None = Field(
+        default=None, description="Source key → custom_id (every item of that source carries it)."
+    )
     max_sources: int | None = Field(default=None, ge=1)
+
+    @field_validator("source_custom_ids")
+    @classmethod
+    def _unique_sources(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        check_unique_ids(list((value or {}).values()))
+        return value
 
     @field_validator("source_keypoints")
     @classmethod
@@ -200,6 +254,7 @@ class SwapItem(_Strict):
     fg: ImageRef
     bg: ImageRef | None = None
     pose: ImageRef
+    custom_id: CustomId | None = None
 
 
 class SwapSpec(_Common):
@@ -208,10 +263,17 @@ class SwapSpec(_Common):
     kind: Literal["swap"] = "swap"
     items: list[SwapItem] = Field(min_length=1, max_length=10_000)
 
+    @field_validator("items")
+    @classmethod
+    def _unique(cls, value: list[SwapItem]) -> list[SwapItem]:
+        check_unique_ids([item.custom_id for item in value])
+        return value
+
 
 class InterpolatePair(_Strict):
     a: ImageRef
     b: ImageRef
+    custom_id: CustomId | None = None
 
 
 class InterpolateSpec(_Common):
@@ -222,6 +284,12 @@ class InterpolateSpec(_Common):
     steps: int = Field(default=8, ge=2, le=1000)
     method: Literal["linear", "slerp", "inverse"] = "linear"
     factors: list[Literal["fg", "bg", "pose"]] = Field(default=["fg", "bg", "pose"], min_length=1)
+
+    @field_validator("pairs")
+    @classmethod
+    def _unique(cls, value: list[InterpolatePair]) -> list[InterpolatePair]:
+        check_unique_ids([pair.custom_id for pair in value])
+        return value
 
 
 JobSpec = Annotated[

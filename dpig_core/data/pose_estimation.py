@@ -7,6 +7,7 @@ is made.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from types import TracebackType
 from typing import Any
@@ -30,6 +31,11 @@ BLAZEPOSE_TO_COCO18: tuple[int, ...] = (
     8, 7,  # r_ear, l_ear
 )  # fmt: skip
 NUM_BLAZEPOSE_LANDMARKS = 33
+
+
+def estimator_installed() -> bool:
+    """Whether mediapipe is importable here (cheap: nothing is imported)."""
+    return importlib.util.find_spec("mediapipe") is not None
 
 
 class PoseEstimatorUnavailable(RuntimeError):

@@ -12,6 +12,7 @@ from service.db.models import (
     Queue,
     RegisteredModel,
     Tenant,
+    WebhookDelivery,
     new_id,
     utcnow,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Queue",
     "RegisteredModel",
     "Tenant",
+    "WebhookDelivery",
     "alembic_config",
     "ensure_sqlite_dir",
     "hash_api_key",

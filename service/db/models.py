@@ -44,9 +44,13 @@ class JobState(StrEnum):
     PAUSED = "paused"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"  # not finished by expires_at: finished shards kept, a valid manifest
+    DELETED = "deleted"  # outputs deleted after retain_days (service.retention)
 
 
-TERMINAL_JOB_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+TERMINAL_JOB_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED, JobState.DELETED}
+)
 
 
 class ChunkState(StrEnum):
@@ -178,6 +182,18 @@ class Job(Base):
         ),
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
         Index("ix_jobs_state_queue", "state", "queue"),
+        Index(
+            "ix_jobs_expires_at",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+            sqlite_where=text("expires_at IS NOT NULL"),
+        ),
+        Index(
+            "ix_jobs_retain_finished",
+            "finished_at",
+            postgresql_where=text("retain_days IS NOT NULL AND deleted_at IS NULL"),
+            sqlite_where=text("retain_days IS NOT NULL AND deleted_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -205,6 +221,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # unfinished by then: expired
+    retain_days: Mapped[int | None] = mapped_column(Integer)  # outputs kept after finished_at
+    deleted_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=func.now()
     )
@@ -216,6 +235,36 @@ class Job(Base):
         cascade="all, delete-orphan",
         passive_deletes=True,
     )
+
+
+class WebhookDelivery(Base):
+    """One notification of a job's terminal state to its `callback_url`, with its attempts: sent
+    by `service.webhooks.deliver_due`, retried with backoff until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("state IN ('pending', 'delivered', 'failed')", name="state"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(32))  # job.completed, job.expired, ...
+    body: Mapped[str] = mapped_column(Text)  # exactly the bytes signed and sent
+    state: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow, server_default=func.now())
+    delivered_at: Mapped[datetime | None]
 
 
 class Chunk(Base):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cli import exit_codes
 from cli.main import app
 from dpig_core.config import PRESETS
 from dpig_core.data.pose_files import write_pose_file
@@ -78,6 +79,13 @@ def ok(*args: Any) -> Any:
     """Run a command with --json; it must succeed; returns the parsed output."""
     result = dpig(*args, "--json")
     assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def ended(code: int, *args: Any) -> Any:
+    """Run a command with --json that follows a job; it must exit with `code`."""
+    result = dpig(*args, "--json")
+    assert result.exit_code == code, result.output
     return json.loads(result.stdout)
 
 
@@ -285,7 +293,7 @@ def test_pause_resume_cancel_and_watch(home: Path) -> None:
     assert job["state"] == "queued"
     assert ok("pause", job["id"])["state"] == "paused"
     # watch returns at once on a paused job; nothing runs
-    assert ok("watch", job["id"])["state"] == "paused"
+    assert ended(exit_codes.PAUSED, "watch", job["id"])["state"] == "paused"
     assert ok("resume", job["id"], "--detach")["state"] == "queued"
     assert ok("pause", job["id"])["state"] == "paused"
     resumed = ok("resume", job["id"])  # embedded: runs it here
@@ -322,7 +330,8 @@ def test_retry_reruns_failed_chunks_only(home: Path, people: Path, tmp_path: Pat
         W,
     )
     poses = pose_file(people, tmp_path / "poses.json", 2)
-    job = ok(
+    job = ended(
+        exit_codes.COMPLETED_WITH_FAILURES,
         "submit", "--pose-grid", poses, "--images", folder, "--keypoints", keypoints,
         "--chunk-size", 2,
     )  # fmt: skip
@@ -666,3 +675,214 @@ def test_format_picks_the_image_format_and_bad_values_are_refused(
     refused = dpig("submit", "sample", "--count", 2, "--format", "png:12")
     assert refused.exit_code == 2 and "output.compress_level" in refused.output
     assert "less than or equal to 9" in refused.output
+
+
+# ------------------------------------------------------------------------------------------------
+# exit codes (docs/jobs.md, "Exit codes")
+
+
+def broken_grid(people: Path, tmp_path: Path, *, broken: int, good: int = 0) -> list[Any]:
+    """`dpig submit --pose-grid` args over `good` real sources and `broken` unreadable ones,
+    all with keypoints: one pose, so one item per source."""
+    chosen = records(people)[: good + 1]
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    entries = []
+    for record in chosen[:good]:
+        shutil.copyfile(record.path, folder / record.path.name)
+        entries.append((record.path.name, record.rcv))
+    for i in range(broken):
+        (folder / f"zz_broken{i}.jpg").write_bytes(b"not an image")
+        entries.append((f"zz_broken{i}.jpg", chosen[-1].rcv))
+    write_pose_file(tmp_path / "keypoints.json", entries, H, W)
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    return ["submit", "--pose-grid", poses, "--images", folder, "--keypoints",
+            tmp_path / "keypoints.json"]  # fmt: skip
+
+
+def test_a_job_whose_items_all_failed_exits_failed(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    args = broken_grid(people, tmp_path, broken=3)
+    result = dpig(*args)
+    assert result.exit_code == exit_codes.FAILED == 4, result.output
+    job = ok("list")[0]
+    assert (job["state"], job["done_items"], job["failed_items"]) == ("failed", 0, 3)
+    # no image was made: no rate, neither in the summary nor in the view
+    assert job["images_per_second"] == 0.0
+    assert "images/s" not in result.stdout
+    assert ended(exit_codes.FAILED, "watch", job["id"])["state"] == "failed"
+    assert ended(exit_codes.FAILED, "retry", job["id"])["state"] == "failed"
+    # --detach follows nothing: the job was queued, exit 0
+    assert ok("retry", job["id"], "--detach")["state"] == "queued"
+
+
+def test_completed_with_failures_cancelled_and_paused_exit_codes(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    args = broken_grid(people, tmp_path, broken=1, good=1)
+    job = ended(exit_codes.COMPLETED_WITH_FAILURES, *args)
+    assert (job["state"], job["done_items"], job["failed_items"]) == ("completed", 1, 1)
+    assert ended(3, "watch", job["id"])["state"] == "completed"
+
+    queued = ok("submit", "sample", "--count", 2, "--detach")
+    assert ok("pause", queued["id"])["state"] == "paused"
+    assert ended(exit_codes.PAUSED, "watch", queued["id"])["state"] == "paused"
+    assert ended(exit_codes.OK, "resume", queued["id"])["state"] == "completed"
+
+    doomed = ok("submit", "sample", "--count", 2, "--detach")
+    assert ok("cancel", doomed["id"])["state"] == "cancelled"
+    assert ended(exit_codes.CANCELLED, "watch", doomed["id"])["state"] == "cancelled"
+
+
+def test_exit_codes_are_distinct_per_outcome() -> None:
+    def view(state: str, failed: int = 0) -> dict[str, Any]:
+        return {"state": state, "failed_items": failed}
+
+    codes = {
+        "completed": exit_codes.for_job(view("completed")),
+        "completed with failures": exit_codes.for_job(view("completed", 1)),
+        "failed": exit_codes.for_job(view("failed", 3)),
+        "cancelled": exit_codes.for_job(view("cancelled")),
+        "expired": exit_codes.for_job(view("expired")),
+        "paused": exit_codes.for_job(view("paused")),
+    }
+    assert codes == {
+        "completed": 0,
+        "completed with failures": 3,
+        "failed": 4,
+        "cancelled": 5,
+        "expired": 6,
+        "paused": 7,
+    }
+    assert exit_codes.REFUSED not in codes.values()
+
+
+def test_pose_grid_without_keypoints_or_estimator_is_refused(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    from dpig_core.data.pose_estimation import estimator_installed
+
+    assert not estimator_installed()  # the test environment has no mediapipe
+    folder = tmp_path / "photos"  # photos, no annotations
+    folder.mkdir()
+    for record in records(people)[:2]:
+        shutil.copyfile(record.path, folder / record.path.name)
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    result = dpig("submit", "--pose-grid", poses, "--images", folder)
+    assert result.exit_code == exit_codes.REFUSED, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: source_keypoints: 2 of 2 source images have no keypoints")
+    assert "--keypoints FILE" in message and "pip install 'dpig[pose]'" in message
+    assert ok("list") == []  # nothing was written
+
+
+def test_progress_bar_counts_only_images_made() -> None:
+    from cli.jobs import JobBar, _RateColumn
+
+    job = {"id": "j" * 13, "kind": "pose_grid", "state": "queued"}
+    with JobBar(job) as bar:
+        assert bar.progress is not None
+        advance = bar.running(4)
+        for _ in range(3):
+            advance(1, 0)  # a failed item
+        task = bar.progress.tasks[0]
+        assert (task.completed, task.fields["rate"]) == (3, 0)
+        assert str(_RateColumn().render(task)) == "- images/s"
+        advance(1, 1)
+        assert task.completed == 4 and task.fields["rate"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# custom_id
+
+
+def test_custom_ids_round_trip_and_duplicates_are_refused(
+    home: Path, people: Path, tmp_path: Path
+) -> None:
+    import webdataset as wds
+
+    a, b = (str(r.path) for r in records(people)[:2])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    keypoints = tmp_path / "keypoints.json"
+    write_pose_file(keypoints, [("broken.jpg", records(people)[0].rcv)], H, W)
+    rows = tmp_path / "items.json"
+    rows.write_text(json.dumps([
+        {"fg": a, "pose": b, "custom_id": "req-0"},
+        {"fg": b, "pose": a},
+        {"fg": str(broken), "pose": a, "custom_id": "req_2"},
+    ]))  # fmt: skip
+    job = ended(3, "submit", "swap", "--from-file", rows, "--keypoints", keypoints)
+    out = job_dir(home, job)
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["custom_id"] for r in manifest] == ["req-0", None, "req_2"]
+    samples = list(wds.WebDataset(str(out / "shards" / "000000.tar"), shardshuffle=False))
+    assert [json.loads(s["json"])["custom_id"] for s in samples] == ["req-0", None]
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [(e["item"], e["custom_id"]) for e in errors] == [(2, "req_2")]
+
+    job = ok("submit", "interpolate", "--a", a, "--b", b, "--steps", 2, "--custom-id", "walk-7")
+    rows_out = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [r["custom_id"] for r in rows_out] == ["walk-7", "walk-7"]
+
+    ids = tmp_path / "ids.json"
+    names = [r.path.name for r in records(people)[:2]]
+    ids.write_text(json.dumps({names[0]: "src-A", names[1]: "src-B"}))
+    job = grid(people, tmp_path, "--max-sources", 2, "--custom-ids", ids)
+    rows_out = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [(r["source"], r["custom_id"]) for r in rows_out] == [
+        (names[0], "src-A"),
+        (names[0], "src-A"),
+        (names[1], "src-B"),
+        (names[1], "src-B"),
+    ]
+
+    jobs_before = len(ok("list"))
+    rows.write_text(json.dumps([{"fg": a, "pose": b, "custom_id": "x"}] * 2))
+    twice = dpig("submit", "swap", "--from-file", rows)
+    assert twice.exit_code == 2
+    assert "items: Value error, custom_id 'x' is given twice (at 0 and 1)" in twice.stderr
+    bad = dpig("submit", "interpolate", "--a", a, "--b", b, "--custom-id", "no spaces")
+    assert bad.exit_code == 2 and "pairs.0.custom_id" in bad.stderr
+    ids.write_text(json.dumps({"nobody.jpg": "z"}))
+    unknown = dpig("submit", "--pose-grid", tmp_path / "poses.json", "--images",
+                   people / "bounding_box_train", "--custom-ids", ids)  # fmt: skip
+    assert unknown.exit_code == 2 and "source_custom_ids: 1 keys name no source" in unknown.stderr
+    assert len(ok("list")) == jobs_before  # nothing was written
+
+
+def test_expired_job_exits_6_and_status_shows_expiry_and_retention(home: Path) -> None:
+    from datetime import datetime
+
+    from service.jobs import open_context
+    from service.retention import expire_due
+
+    job = ok("submit", "sample", "--count", 4, "--chunk-size", 2, "--expires-after", 60,
+             "--retain-days", 7, "--detach")  # fmt: skip
+    assert job["retain_days"] == 7 and job["expires_at"] is not None
+    shown = dpig("status", job["id"])
+    assert "retained  7 days" in shown.stdout and "expires  " in shown.stdout
+    ctx = open_context(get_settings(), embedded=True)
+    assert expire_due(ctx, now=datetime.fromisoformat(job["expires_at"])) == 1
+    expired = ended(exit_codes.EXPIRED, "watch", job["id"])
+    assert (expired["state"], expired["done_items"], expired["failed_items"]) == ("expired", 0, 0)
+    rows = pq.read_table(job_dir(home, job) / "manifest.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["expired"] * 4
+    bad = dpig("submit", "sample", "--count", 1, "--expires-after", 5)
+    assert bad.exit_code == 2 and "expires_after: Input should be greater than or equal to 60" in (
+        bad.stderr
+    )
+
+
+def test_pose_grid_without_keypoints_is_accepted_where_the_workers_estimate(
+    home: Path, people: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copyfile(records(people)[0].path, folder / "a.png")
+    poses = pose_file(people, tmp_path / "poses.json", 1)
+    monkeypatch.setenv("DPIG_POSE_ESTIMATOR_INSTALLED", "true")  # the operator says so
+    get_settings.cache_clear()
+    job = ok("submit", "--pose-grid", poses, "--images", folder, "--detach")
+    assert (job["state"], job["total_items"]) == ("queued", 1)

@@ -4,7 +4,6 @@ dead-lettered after max attempts, with its error; the rest of the job completes.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -55,12 +54,6 @@ def grid(e2e: Any, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     ]  # fmt: skip
 
 
-def _with_preload_path() -> str:
-    """This folder first (for poison_preload), then the inherited path: a checkout run with
-    PYTHONPATH must keep its own code in the restarted workers."""
-    return os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
-
-
 def test_poison_chunk_is_dead_lettered(stack: Any, e2e: Any, grid: list[str]) -> None:
     # the undisturbed run, by the ordinary workers: every item, poisoned name or not
     ref_job = e2e.submit(*grid)
@@ -73,9 +66,10 @@ def test_poison_chunk_is_dead_lettered(stack: Any, e2e: Any, grid: list[str]) ->
     preload = [sys.executable, "-c", "import poison_preload; from cli.main import app; app()"]
     try:
         stack.restart("dispatcher", env={"DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+        # the preload's folder, and this checkout (not whichever one the venv installed)
+        here = f"{Path(__file__).parent}:{Path(__file__).parents[2]}"
         stack.restart_workers(
-            env={"PYTHONPATH": _with_preload_path(), "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
-            command=preload,
+            env={"PYTHONPATH": here, "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)}, command=preload
         )
         job = e2e.submit(*grid)
         e2e.wait_job(job["id"], ("completed", "failed", "cancelled"))

@@ -207,8 +207,8 @@ def test_pause_stops_between_micro_batches_and_resume_finishes(
     job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 40, "chunk_size": 16}))
     seen = []
 
-    def progress(n: int) -> None:
-        seen.append(n)
+    def progress(finished: int, made: int) -> None:
+        seen.append(finished)
         if len(seen) == 20:  # inside the second chunk
             pause(ctx, tenant, job.id)
 
@@ -230,8 +230,8 @@ def test_cancel_keeps_finished_shards_in_a_valid_manifest(
     job = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 48, "chunk_size": 16}))
     seen = []
 
-    def progress(n: int) -> None:
-        seen.append(n)
+    def progress(finished: int, made: int) -> None:
+        seen.append(finished)
         if len(seen) == 24:
             cancel(ctx, tenant, job.id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -103,3 +104,23 @@ def test_keys_cli_refuses_empty_tenant(cli_env: CliRunner) -> None:
     result = cli_env.invoke(cli_app, ["keys", "create", "--tenant", "  "])
     assert result.exit_code == 2
     assert "--tenant" in result.output
+
+
+def test_keys_cli_webhook_secret(
+    cli_env: CliRunner, monkeypatch: pytest.MonkeyPatch, ctx: Any
+) -> None:
+    from service.jobs import tenant_id
+    from service.settings import Settings
+    from service.webhooks import tenant_secret
+
+    assert cli_env.invoke(cli_app, ["keys", "create", "--tenant", "dave"]).exit_code == 0
+    off = cli_env.invoke(cli_app, ["keys", "webhook-secret", "--tenant", "dave"])
+    assert off.exit_code == 2 and "DPIG_WEBHOOK_SIGNING_KEY" in off.output
+    monkeypatch.setenv("DPIG_WEBHOOK_SIGNING_KEY", "operator-key-0123456789")
+    get_settings.cache_clear()
+    shown = cli_env.invoke(cli_app, ["keys", "webhook-secret", "--tenant", "dave"])
+    assert shown.exit_code == 0, shown.output
+    settings = Settings.from_values(webhook_signing_key="operator-key-0123456789")
+    assert shown.stdout.strip() == tenant_secret(settings, tenant_id(ctx, "dave"))
+    unknown = cli_env.invoke(cli_app, ["keys", "webhook-secret", "--tenant", "nobody"])
+    assert unknown.exit_code == 2 and "no tenant 'nobody'" in unknown.output

@@ -109,6 +109,17 @@ CASES: list[tuple[str, Any, int, list[str]]] = [
     ("interpolate-file-uri", {"kind": "interpolate", "pairs": [{"a": _ref("file:///etc/passwd"),
      "b": _ref()}]}, 422, ["pairs.0.a.uri", "outside the allowed source prefixes"]),
     ("nul-in-pose-id", _grid(poses=[_pose(id="a\x00b")]), 422, ["poses.0.id", "NUL"]),
+    ("custom-id-space", _swap(custom_id="a b"), 422, ["items.0.custom_id", "pattern"]),
+    ("custom-id-65", _swap(custom_id="x" * 65), 422, ["items.0.custom_id", "at most 64"]),
+    ("custom-id-empty", _swap(custom_id=""), 422, ["items.0.custom_id", "at least 1"]),
+    ("custom-id-twice-swap",
+     {"kind": "swap", "items": [{"fg": _ref(), "pose": _ref(), "custom_id": "p-1"}] * 2}, 422,
+     ["items", "custom_id 'p-1' is given twice (at 0 and 1)"]),
+    ("custom-id-twice-interpolate",
+     {"kind": "interpolate", "pairs": [{"a": _ref(), "b": _ref(), "custom_id": "q"}] * 2}, 422,
+     ["pairs", "custom_id 'q' is given twice"]),
+    ("custom-id-twice-grid", _grid(source_custom_ids={"a.jpg": "s", "b.jpg": "s"}), 422,
+     ["source_custom_ids", "custom_id 's' is given twice"]),
 ]  # fmt: skip
 
 

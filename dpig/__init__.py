@@ -1,0 +1,1 @@
+"""dpig's public Python API: `from dpig.client import Client` (docs/api.md, "Python client")."""
