@@ -18,6 +18,9 @@ cd "$(dirname "$0")/.."
 CACHE=${DPIG_DOCKER_CACHE:-$HOME/.cache/dpig-docker}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+# bookworm's python3.11 is 3.11.2, where redis also needs async-timeout (python_full_version <
+# 3.11.3); pip evaluates markers for the host's Python, so it is named here
+EXTRA_WHEELS=("async-timeout>=4.0.3")
 SEAWEEDFS_VERSION=${SEAWEEDFS_VERSION:-4.48}
 TAG=${DPIG_IMAGE_TAG:-dev}
 mkdir -p "$CACHE/debs"
@@ -46,13 +49,13 @@ base() {
 
 # the wheelhouse, cached by the pins it was made from; hard-linked into the build context
 wheelhouse() {
-    local key; key=$(cat docker/constraints.txt pyproject.toml <(echo "$TORCH_VERSION") | sha256sum | cut -c1-12)
+    local key; key=$(cat docker/constraints.txt pyproject.toml <(echo "$TORCH_VERSION ${EXTRA_WHEELS[*]}") | sha256sum | cut -c1-12)
     local dir="$CACHE/wheelhouse-$key"
     if [ ! -f "$dir/.complete" ]; then
         log "wheelhouse $dir"
         rm -rf "$dir"
         python3 -m pip download -q --only-binary=:all: -d "$dir" -c docker/constraints.txt \
-            "torch==$TORCH_VERSION" "setuptools>=68" wheel ".[service]"
+            "torch==$TORCH_VERSION" "setuptools>=68" wheel ".[service]" "${EXTRA_WHEELS[@]}"
         touch "$dir/.complete"
     fi
     find docker/wheelhouse -name '*.whl' -delete
