@@ -18,6 +18,7 @@ Last line: ``compose_e2e ok images=<n> seconds=<s>``. Needs root (debootstrap, d
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -308,13 +309,22 @@ def api_key(stack: Stack) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "--docker-host",
+        help="use this running daemon (DOCKER_HOST) instead of starting and stopping one: "
+        "its image and layer caches make a second run quick",
+    )
+    args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("compose-e2e needs root (debootstrap and dockerd)")
     workdir = Path(tempfile.mkdtemp(prefix="dpig-compose-e2e."))
     daemon = str(ROOT / "docker/dockerd.sh")
-    exported = run([daemon, "start", str(workdir / "docker")])
+    own_daemon = args.docker_host is None
+    if own_daemon:
+        args.docker_host = run([daemon, "start", str(workdir / "docker")]).strip().split("=", 1)[1]
     env = {k: v for k, v in os.environ.items() if k != "COMPOSE_PROFILES"}
-    env["DOCKER_HOST"] = exported.strip().split("=", 1)[1]
+    env["DOCKER_HOST"] = args.docker_host
     env["PATH"] = f"{env.get('PATH', '')}:{TOOLS / 'bin'}"
     stack = Stack(workdir, env)
     ok = False
@@ -328,7 +338,8 @@ def main() -> int:
         down_started = time.monotonic()
         stack("down", "--volumes", "--remove-orphans", check=not ok)
         left = leftovers(stack)
-        run([daemon, "stop", str(workdir / "docker")], check=False)
+        if own_daemon:
+            run([daemon, "stop", str(workdir / "docker")], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
     assert not left, f"docker compose down -v left {left}"
     log(f"down -v in {time.monotonic() - down_started:.0f} s, nothing left")
