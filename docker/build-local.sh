@@ -85,7 +85,7 @@ PY
 build() {  # build IMAGE DOCKERFILE CONTEXT [ARGS...]
     local image=$1 file=$2 context=$3; shift 3
     log "build $image"
-    docker build -q --network none -f "$file" -t "$image" "$@" "$context" >/dev/null
+    docker build -q --force-rm --network none -f "$file" -t "$image" "$@" "$context" >/dev/null
 }
 
 started=$(date +%s)
