@@ -339,7 +339,14 @@ def main() -> int:
         stack("down", "--volumes", "--remove-orphans", check=not ok)
         left = leftovers(stack)
         if own_daemon:
-            run([daemon, "stop", str(workdir / "docker")], check=False)
+            run([daemon, "stop", str(workdir / "docker")])
+            chains = [
+                line
+                for table in ("filter", "nat")
+                for line in run(["iptables", "-t", table, "-S"]).splitlines()
+                if line.startswith("-N DOCKER")
+            ]
+            assert not chains, f"dockerd left iptables chains: {chains}"
         shutil.rmtree(workdir, ignore_errors=True)
     assert not left, f"docker compose down -v left {left}"
     log(f"down -v in {time.monotonic() - down_started:.0f} s, nothing left")

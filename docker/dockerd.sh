@@ -37,18 +37,17 @@ start() {
 
 # the chains dockerd made (DOCKER, DOCKER-USER, DOCKER-ISOLATION-STAGE-*), in both tables
 remove_chains() {
-    local table rule chain
+    local table rule chain rules chains
     for table in nat filter; do
+        rules=$(iptables -t "$table" -S 2>/dev/null) || continue
         # jumps into the DOCKER* chains from the built-in ones first, then the chains
-        iptables -t "$table" -S 2>/dev/null | grep -E '^-A (PREROUTING|OUTPUT|POSTROUTING|FORWARD|INPUT) .*-j DOCKER' |
-            while read -r rule; do
-                # shellcheck disable=SC2086
-                iptables -t "$table" ${rule/-A/-D} || true
-            done
-        iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}' |
-            while read -r chain; do iptables -t "$table" -F "$chain" || true; done
-        iptables -t "$table" -S 2>/dev/null | awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}' |
-            while read -r chain; do iptables -t "$table" -X "$chain" || true; done
+        while read -r rule; do
+            # shellcheck disable=SC2086
+            iptables -t "$table" ${rule/-A/-D} || true
+        done < <(grep -E '^-A (PREROUTING|OUTPUT|POSTROUTING|FORWARD|INPUT) .*-j DOCKER' <<<"$rules" || true)
+        chains=$(awk '$1 == "-N" && $2 ~ /^DOCKER/ {print $2}' <<<"$rules")
+        for chain in $chains; do iptables -t "$table" -F "$chain" || true; done
+        for chain in $chains; do iptables -t "$table" -X "$chain" || true; done
     done
 }
 
@@ -67,7 +66,10 @@ stop() {
         iptables -P FORWARD "$(cat "$dir/forward_policy.before")" || true
     fi
     # containerd's shims are gone with the daemon; the overlay mounts may linger
-    grep -o " $dir/[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m" || true; done
+    local mount
+    for mount in $(grep -o " $dir/[^ ]*" /proc/mounts | sort -r || true); do
+        umount -l "$mount" || true
+    done
     rm -rf "$dir/data" "$dir/exec"
 }
 
