@@ -256,7 +256,14 @@ def leftovers(stack: Stack) -> list[str]:
 
 def drive(stack: Stack, env: dict[str, str]) -> int:
     build_started = time.monotonic()
-    run([str(ROOT / "docker/build-local.sh")], env=env)
+    built = subprocess.run(
+        [str(ROOT / "docker/build-local.sh")], env=env, capture_output=True, text=True, check=False
+    )
+    for line in built.stderr.splitlines():
+        if line.startswith("[build-local"):
+            log(line)
+    if built.returncode != 0:
+        raise RuntimeError(f"docker/build-local.sh → {built.returncode}\n{built.stderr[-3000:]}")
     listed = run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}} {{.Size}}"], env=env)
     images = sorted(line for line in listed.splitlines() if line.startswith("dpig-"))
     log(f"built {len(images)} images in {time.monotonic() - build_started:.0f} s: {images}")
@@ -337,6 +344,7 @@ def main() -> int:
         stack.docker("rm", "--force", stack.client, check=False)
         down_started = time.monotonic()
         stack("down", "--volumes", "--remove-orphans", check=not ok)
+        down_seconds = time.monotonic() - down_started
         left = leftovers(stack)
         if own_daemon:
             run([daemon, "stop", str(workdir / "docker")])
@@ -349,7 +357,7 @@ def main() -> int:
             assert not chains, f"dockerd left iptables chains: {chains}"
         shutil.rmtree(workdir, ignore_errors=True)
     assert not left, f"docker compose down -v left {left}"
-    log(f"down -v in {time.monotonic() - down_started:.0f} s, nothing left")
+    log(f"down -v in {down_seconds:.0f} s, nothing left")
     print(f"compose_e2e ok images={images} seconds={time.monotonic() - STARTED:.0f}")  # noqa: T201
     return 0
 
