@@ -88,6 +88,13 @@ build() {  # build IMAGE DOCKERFILE CONTEXT [ARGS...]
     docker build -q --force-rm --network none -f "$file" -t "$image" "$@" "$context" >/dev/null
 }
 
+# the build context's copies go whatever happens: a production build must not find them
+cleanup() {
+    find docker/wheelhouse -name '*.whl' -delete
+    rm -f docker/standins/seaweedfs/weed
+}
+trap cleanup EXIT
+
 started=$(date +%s)
 base local/debian:bookworm wget
 base local/python:3.11-bookworm python3.11 python3-venv python-is-python3 ca-certificates
@@ -107,6 +114,4 @@ build dpig-standin/postgres:15-bookworm docker/standins/postgres/Dockerfile dock
 build dpig-standin/redis:7.0-bookworm docker/standins/redis/Dockerfile docker/standins/redis
 build dpig-standin/prometheus:2.42-bookworm docker/standins/prometheus/Dockerfile docker/standins/prometheus
 build "dpig-standin/seaweedfs:$SEAWEEDFS_VERSION" docker/standins/seaweedfs/Dockerfile docker/standins/seaweedfs
-find docker/wheelhouse -name '*.whl' -delete
-rm -f docker/standins/seaweedfs/weed
 log "all images: $(($(date +%s) - started)) s"
