@@ -4,7 +4,7 @@
 #
 #   eval "$(docker/dockerd.sh start DIR)"   # prints `export DOCKER_HOST=unix://DIR/docker.sock`
 #   docker/dockerd.sh stop DIR              # kills it, removes its iptables chains, restores
-#                                           # net.ipv4.ip_forward
+#                                           # net.ipv4.ip_forward and the FORWARD policy
 #
 # iptables stays with dockerd: with --iptables=false bridged packets between containers hit the
 # FORWARD DROP policy. dockerd isolates `internal: true` networks itself (no NAT, no route out).
