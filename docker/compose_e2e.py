@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -204,10 +205,19 @@ def check_internal(stack: Stack) -> None:
 
 def check_start_order(stack: Stack) -> None:
     containers = stack.containers()
-    migrated = containers["migrate"]["State"]["FinishedAt"]
-    api_started = containers["api"]["State"]["StartedAt"]
-    # both RFC 3339 in UTC with the same precision: string order is time order
-    assert migrated <= api_started, f"api started {api_started}, before migrate ended {migrated}"
+    migrated = _instant(containers["migrate"]["State"]["FinishedAt"])
+    api_started = _instant(containers["api"]["State"]["StartedAt"])
+    assert migrated <= api_started, (
+        f"the api started {migrated - api_started:.3f} s before migrate ended"
+    )
+
+
+def _instant(stamp: str) -> float:
+    """Seconds since the epoch of Docker's RFC 3339 UTC time with up to nine decimals."""
+    whole, _, fraction = stamp.removesuffix("Z").partition(".")
+    return datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp() + float(
+        f"0.{fraction or 0}"
+    )
 
 
 def kill_worker_mid_job(stack: Stack, job_id: str, total: int) -> None:
