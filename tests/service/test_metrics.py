@@ -527,3 +527,22 @@ def test_label_values_are_bounded() -> None:
             children = _catalogue_objects()[name]._metrics  # type: ignore[attr-defined]
             (label,) = labels
             assert {key[0] for key in children} == LABEL_VALUES[label], name
+
+
+def test_a_command_other_than_the_worker_runs_where_the_multiprocess_folder_is_missing(
+    tmp_path: Path,
+) -> None:
+    # the worker image sets PROMETHEUS_MULTIPROC_DIR for every command; only `dpig worker` made
+    # the folder, so an embedded `dpig submit` in that image died on its first metric
+    folder = tmp_path / "dpig" / "metrics"
+    code = "from service import metrics; metrics.IMAGES_GENERATED.inc(3)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(folder))  # type: ignore[no-untyped-call]
+    assert "dpig_images_generated_total 3.0" in generate_latest(registry).decode()
