@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from service import metrics
@@ -38,7 +39,7 @@ from service.jobs import (
 from service.settings import Settings
 from service.shards import ShardWriter
 from service.specs import ImageRef, JobSpec, parse_spec
-from service.storage import parse_source_uri, storage_from_url
+from service.storage import NotFound, Storage, parse_source_uri, storage_from_url
 
 log = logging.getLogger(__name__)
 StopCheck = Callable[[], bool]
@@ -101,6 +102,20 @@ class PipelineCache:
 # inputs
 
 
+_storages: dict[str, tuple[Settings, Storage]] = {}
+_storages_lock = threading.Lock()
+
+
+def source_storage(ctx: Context, url: str) -> Storage:
+    """One storage client per bucket for the whole process (rebuilt only if the settings
+    object changes): building a boto3 client costs ~100 ms, more than reading a small image."""
+    with _storages_lock:
+        found = _storages.get(url)
+        if found is None or found[0] is not ctx.settings:
+            found = _storages[url] = (ctx.settings, storage_from_url(url, ctx.settings))
+        return found[1]
+
+
 def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
     """The bytes of one source object (a local path, file:// or s3:// URI)."""
     allowed = ["file:///"] if ctx.embedded else ctx.settings.source_prefixes
@@ -111,8 +126,7 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
         path = Path(unquote(urlsplit(location.storage_url).path), location.prefix)
         handle: BinaryIO = path.open("rb")
     else:
-        storage = storage_from_url(location.storage_url, ctx.settings)
-        handle = storage.open_read(location.prefix.rstrip("/"))
+        handle = source_storage(ctx, location.storage_url).open_read(location.prefix.rstrip("/"))
     with handle:
         data = handle.read(limit + 1)  # never more than the cap, whatever the object's size
     if len(data) > limit:
@@ -122,6 +136,18 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
 
 class SourceTooLarge(ValueError):
     """A source object over `max_source_bytes`: its items fail with this reason."""
+
+
+# reading a source fails its items only for reasons intrinsic to the item: it does not exist,
+# is not a file, is not readable by us, is too large, or its URI is not allowed
+ITEM_READ_ERRORS = (
+    NotFound,
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def _decode_person(
@@ -142,7 +168,7 @@ def _decode_person(
                     f"{settings.max_source_pixels} pixels (max_source_pixels)"
                 )
             image = opened.convert("RGB")
-    except ItemError:
+    except (ItemError, SoftTimeLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder error is this item's failure
         raise ItemError(f"{label}: unreadable image ({exc})") from None
@@ -190,8 +216,10 @@ class _People:
     def _load(self, ref: ImageRef) -> tuple[Any, Any]:
         try:
             data = read_uri(self.ctx, ref.uri)
-        except Exception as exc:  # noqa: BLE001 - a missing source fails its items
+        except ITEM_READ_ERRORS as exc:
             raise ItemError(f"{ref.uri}: {exc}") from None
+        # anything else (S3 or the network down, a timeout, Celery's soft time limit) is not the
+        # item's fault: it fails the attempt, and the chunk is retried after a backoff
         return _decode_person(data, ref.keypoints, ref.uri, self.pipe, self.ctx.settings)
 
     def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:
@@ -420,7 +448,7 @@ def execute_chunk(
     spec = parse_spec(job.spec)
     with _stage("load"):
         pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
-    writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout)
+    writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout, claim.tag)
     items = list(range(claim.item_start, claim.item_stop))
     renew_every = ctx.settings.lease_seconds / 3
     renewed = time.monotonic()
