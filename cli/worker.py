@@ -78,6 +78,7 @@ def dispatcher(
 
     from service import metrics
     from service.dispatch import DispatchConfig, tick
+    from service.dispatch_lock import DispatcherLock
     from service.jobs import open_context
     from service.settings import get_settings
     from workers.celery_app import app
@@ -109,9 +110,18 @@ def dispatcher(
         app.send_task("dpig.run_chunk", args=[chunk_id], queue=queue)
 
     ctx = None
+    lock = DispatcherLock(get_settings().database_url)
+    standing_by = False
     while not stopping["now"]:
         started = time.monotonic()
         try:
+            if not lock.acquire():  # another dispatcher is active: only one may tick
+                if not standing_by:
+                    log.info("another dispatcher holds the lock; standing by")
+                standing_by = True
+                time.sleep(interval)
+                continue
+            standing_by = False
             ctx = ctx or open_context(get_settings(), migrate=False)
             report = tick(ctx, publish, config)
             if report.expired or report.republished or any(report.published.values()):
@@ -119,3 +129,4 @@ def dispatcher(
         except Exception as exc:  # noqa: BLE001 - a database or broker outage: retry next tick
             log.warning("tick failed: %s", exc)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    lock.release()

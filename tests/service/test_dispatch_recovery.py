@@ -160,7 +160,7 @@ def test_a_failed_finalisation_is_retried(ctx: Context, monkeypatch: pytest.Monk
     (chunk_id,) = _chunk_ids(ctx, job)
     claim = claim_chunk(ctx, "w", chunk_id=chunk_id)
     assert claim is not None
-    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index)
+    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index, tag=claim.tag)
     writer.add(0, b"png", {"item": 0, "seed": 0})
     writer.write()
     assert commit_chunk(ctx, claim, writer.done, writer.failed)
