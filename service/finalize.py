@@ -26,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import func, select, update
 
@@ -249,7 +250,7 @@ def write_outputs(
                 written.corrupt[chunk.chunk_id] = checked
                 continue
             for batch in pq.ParquetFile(io.BytesIO(checked)).iter_batches(batch_size=4096):
-                batch = batch.cast(MANIFEST_SCHEMA) if batch.schema != MANIFEST_SCHEMA else batch
+                batch = _with_committed_key(batch, chunk)
                 _write_rows(batch, manifest, errors, written)
                 pending.append(batch)
                 pending_rows += batch.num_rows
@@ -271,6 +272,21 @@ def write_outputs(
     storage.put_bytes(prefix + marker, json.dumps(summary).encode())
     written.orphans = delete_orphans(storage, prefix, chunks)
     return written
+
+
+def _with_committed_key(batch: pa.RecordBatch, chunk: ChunkOutput) -> pa.RecordBatch:
+    """Rows name their tar by the attempt-free `shards/NNNNNN.tar`; the manifest names the
+    committed attempt's object."""
+    batch = batch.cast(MANIFEST_SCHEMA) if batch.schema != MANIFEST_SCHEMA else batch
+    if not chunk.tag:
+        return batch
+    where = MANIFEST_SCHEMA.get_field_index("object")
+    objects = pc.replace_substring(
+        batch.column(where),
+        pattern=f"{shard_name(chunk.index)}.tar#",
+        replacement=f"{shard_name(chunk.index, chunk.tag)}.tar#",
+    )
+    return batch.set_column(where, "object", objects)
 
 
 def _write_rows(batch: pa.RecordBatch, manifest: Any, errors: Any, written: Written) -> None:

@@ -107,7 +107,9 @@ class ShardWriter:
             obj = f"images/{name or key + '.png'}"
             self._files.append((obj, png))
         else:
-            obj = f"{self.name}.tar#{key}.png"
+            # the attempt-free name: the shard's bytes are the same whichever attempt made
+            # them; the finaliser writes the committed attempt's key into the manifest
+            obj = f"{shard_name(self.index)}.tar#{key}.png"
             self._add(f"{key}.png", png)
             self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
         self.rows.append(
@@ -153,7 +155,6 @@ class ShardWriter:
         marker: dict[str, Any] = {
             "made_with": made_with or {},
             "chunk": self.index,
-            "tag": self.tag,
             "items": len(self.rows),
             "done": self.done,
             "failed": self.failed,
