@@ -71,18 +71,42 @@ class ChunkOutcome:
     seconds: float = 0.0
 
 
+class WrongWorker(RuntimeError):
+    """This worker cannot make the job's bytes (another device class): the attempt fails with
+    this reason, and the chunk goes to another worker."""
+
+
 class PipelineCache:
     """Pipelines by model name and weights hash: a worker loads each model once."""
 
     def __init__(self, device: str = "cpu", batch_size: int = 32, **options: Any) -> None:
         self.device, self.batch_size, self.options = device, batch_size, options
-        self._pipes: dict[tuple[str, str], Any] = {}
+        self._pipes: dict[tuple[str, str, int, str], Any] = {}
         self._lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
 
-    def get(self, ctx: Context, name: str, weights_sha256: str) -> Any:
+    def get(
+        self,
+        ctx: Context,
+        name: str,
+        weights_sha256: str,
+        execution: dict[str, Any] | None = None,
+    ) -> Any:
+        """The pipeline of a model, with the job's micro-batch size and precision (`execution`,
+        fixed at submit; this worker's own for jobs without one). A job fixed to another device
+        class is refused: its bytes would differ."""
+        execution = execution or {}
+        device_class = str(self.device).split(":")[0]
+        if execution.get("device") and execution["device"] != device_class:
+            raise WrongWorker(
+                f"the job runs on {execution['device']} workers; this one runs on {device_class}"
+            )
+        batch_size = int(execution.get("batch_size") or self.batch_size)
+        options = self.options | (
+            {"precision": execution["precision"]} if execution.get("precision") else {}
+        )
         with self._lock:
-            key = (name, weights_sha256)
+            key = (name, weights_sha256, batch_size, str(options.get("precision", "fp32")))
             if key not in self._pipes:
                 from dpig_core.pipeline import DPIGPipeline
 
@@ -91,7 +115,7 @@ class PipelineCache:
                     raise JobError(409, f"model {name!r} changed since the job was submitted")
                 started = time.perf_counter()
                 self._pipes[key] = DPIGPipeline.from_pretrained(
-                    info.path, device=self.device, batch_size=self.batch_size, **self.options
+                    info.path, device=self.device, batch_size=batch_size, **options
                 )
                 self.load_seconds[name] = time.perf_counter() - started
                 metrics.MODEL_LOAD.observe(self.load_seconds[name])
@@ -447,7 +471,7 @@ def execute_chunk(
     job = job_row(ctx, claim.job_id)
     spec = parse_spec(job.spec)
     with _stage("load"):
-        pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
+        pipe = pipes.get(ctx, job.model_name, job.weights_sha256, job.execution)
     writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout, claim.tag)
     items = list(range(claim.item_start, claim.item_stop))
     renew_every = ctx.settings.lease_seconds / 3

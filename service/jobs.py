@@ -48,6 +48,7 @@ from service.db import (
 from service.errors import JobError as JobError
 from service.finalize import job_prefix as job_prefix
 from service.finalize import maybe_finalize as maybe_finalize
+from service.settings import Settings
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
 from service.storage import (
     ImageSource,
@@ -444,6 +445,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         seed=spec.seed,
         total_items=total,
         chunk_size=chunk_size,
+        execution=execution_of(ctx.settings),
     )
     from service.db import new_id
 
@@ -462,6 +464,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         },
         "total_items": total,
         "chunk_size": chunk_size,
+        "execution": job.execution,
         "code_version": _code_version(),
     }
     try:
@@ -491,6 +494,13 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         ctx.storage.delete_prefix(prefix)
         raise
     return _view(job, 0)
+
+
+def execution_of(settings: Settings) -> dict[str, Any]:
+    """How a job's items are made, fixed at submit from the operator's settings: the pixels
+    depend on the micro-batch size, the precision and the device class."""
+    device = settings.device.split(":")[0] if settings.device else None
+    return {"batch_size": settings.batch_size, "precision": settings.precision, "device": device}
 
 
 def _code_version() -> str:

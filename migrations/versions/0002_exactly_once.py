@@ -1,5 +1,6 @@
 """Exactly-once outputs: the committed attempt of each chunk, and the finaliser's lease.
 
+`jobs.execution` fixes the micro-batch size, precision and device class of a job's items;
 `chunks.output_tag` names the attempt whose shard objects (`shards/NNNNNN-<tag>.*`) are
 canonical; `jobs.finalize_token` / `jobs.finalize_expires_at` let one finaliser at a time run.
 
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"
@@ -25,6 +27,8 @@ def upgrade() -> None:
     op.add_column(
         "jobs", sa.Column("finalize_expires_at", sa.DateTime(timezone=True), nullable=True)
     )
+    json_type = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
+    op.add_column("jobs", sa.Column("execution", json_type, nullable=True))
     # chunks committed before attempt tags wrote the untagged keys `shards/NNNNNN.*`
     op.execute("UPDATE chunks SET output_tag = '' WHERE state = 'done'")
 
@@ -33,5 +37,6 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("finalize_expires_at")
         batch.drop_column("finalize_token")
+        batch.drop_column("execution")
     with op.batch_alter_table("chunks") as batch:
         batch.drop_column("output_tag")

@@ -208,6 +208,9 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=func.now()
     )
+    # micro-batch size, precision and device class the job's items are made with (see
+    # `service.jobs.execution_of`); None for jobs submitted before it was recorded
+    execution: Mapped[dict[str, Any] | None]
     # the finaliser's lease: one finalisation at a time, taken over only once it expires
     finalize_token: Mapped[str | None] = mapped_column(String(36))
     finalize_expires_at: Mapped[datetime | None]

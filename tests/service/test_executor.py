@@ -155,6 +155,39 @@ def test_rerunning_a_chunk_gives_byte_identical_output(
     assert _shard_bytes(ctx, job.id) == before
 
 
+def test_a_chunk_rerun_on_a_worker_configured_otherwise_gives_identical_bytes(
+    tmp_path: Path,
+) -> None:
+    """The job fixes its micro-batch size at submit (batch 5 here); a worker whose own setting
+    is 16 runs it with 5 too, so the rerun is byte-identical."""
+    settings = Settings.from_values(home=tmp_path / "home", batch_size=5)
+    ctx = open_context(settings, embedded=True)
+    job = submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 16, "seed": 3}))
+    assert json.loads(ctx.storage.get_bytes(f"jobs/{job.id}/job.json"))["execution"] == {
+        "batch_size": 5,
+        "precision": "fp32",
+        "device": None,
+    }
+    run_job(ctx, job.id, PipelineCache(batch_size=5))
+    before = pq.read_table(_out(ctx, job.id) / "manifest.parquet").column("sha256").to_pylist()
+    with ctx.session() as session:
+        session.execute(update(Chunk).where(Chunk.job_id == job.id).values(state="pending"))
+        session.execute(update(Job).where(Job.id == job.id).values(state="queued"))
+    run_job(ctx, job.id, PipelineCache(batch_size=16))
+    after = pq.read_table(_out(ctx, job.id) / "manifest.parquet").column("sha256").to_pylist()
+    assert len(before) == 16 and after == before
+
+
+def test_a_job_fixed_to_another_device_class_is_refused(tmp_path: Path) -> None:
+    settings = Settings.from_values(home=tmp_path / "home", device="cuda:0", max_attempts=1)
+    ctx = open_context(settings, embedded=True)
+    job = submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 2}))
+    assert run_job(ctx, job.id, PipelineCache(device="cpu")) == "failed"
+    with ctx.session() as session:
+        chunk = session.query(Chunk).filter_by(job_id=job.id).one()
+        assert "the job runs on cuda workers; this one runs on cpu" in (chunk.last_error or "")
+
+
 def test_an_item_has_the_same_pixels_whatever_the_chunking(
     ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]]
 ) -> None:
