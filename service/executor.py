@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -226,39 +227,54 @@ def _estimate(pixels: Any, label: str) -> Any:
     return rcv
 
 
-class _People:
-    """Encoded people by URI, loaded once per chunk."""
+# sources are read LOAD_PARALLEL at a time, in groups of LOAD_GROUP between heartbeats (stop
+# check and lease renewal), so loading a large pose-grid chunk never outlasts its lease
+LOAD_GROUP = 64
+LOAD_PARALLEL = 8
 
-    def __init__(self, ctx: Context, pipe: Any) -> None:
-        self.ctx, self.pipe = ctx, pipe
+
+class _People:
+    """Encoded people by URI, loaded once per chunk; `beat` is called between groups of reads."""
+
+    def __init__(self, ctx: Context, pipe: Any, beat: Callable[[], None] = lambda: None) -> None:
+        self.ctx, self.pipe, self.beat = ctx, pipe, beat
         self._cache: dict[tuple[str, Any], Any] = {}
 
     @staticmethod
     def _key(ref: ImageRef) -> tuple[str, Any]:
         return ref.uri, None if ref.keypoints is None else str(ref.keypoints)
 
-    def _load(self, ref: ImageRef) -> tuple[Any, Any]:
+    def _read(self, ref: ImageRef) -> bytes | ItemError:
         try:
-            data = read_uri(self.ctx, ref.uri)
+            return read_uri(self.ctx, ref.uri)
         except ITEM_READ_ERRORS as exc:
-            raise ItemError(f"{ref.uri}: {exc}") from None
+            return ItemError(f"{ref.uri}: {exc}")
         # anything else (S3 or the network down, a timeout, Celery's soft time limit) is not the
         # item's fault: it fails the attempt, and the chunk is retried after a backoff
-        return _decode_person(data, ref.keypoints, ref.uri, self.pipe, self.ctx.settings)
 
     def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:
         """Factors (one person) or the ItemError of each ref. New people are encoded together,
         in as few micro-batches as possible."""
         import torch
 
-        new = {self._key(r): r for r in refs if self._key(r) not in self._cache}
+        new = list({self._key(r): r for r in refs if self._key(r) not in self._cache}.items())
         loaded: dict[tuple[str, Any], tuple[Any, Any]] = {}
-        for key, ref in new.items():
-            try:
+        with ThreadPoolExecutor(min(LOAD_PARALLEL, max(1, len(new)))) as pool:
+            for start in range(0, len(new), LOAD_GROUP):
+                group = new[start : start + LOAD_GROUP]
                 with _stage("load"):
-                    loaded[key] = self._load(ref)
-            except ItemError as exc:
-                self._cache[key] = exc
+                    read = list(pool.map(self._read, [ref for _, ref in group]))
+                    for (key, ref), data in zip(group, read, strict=True):
+                        try:
+                            if isinstance(data, ItemError):
+                                raise data
+                            settings = self.ctx.settings
+                            loaded[key] = _decode_person(
+                                data, ref.keypoints, ref.uri, self.pipe, settings
+                            )
+                        except ItemError as exc:
+                            self._cache[key] = exc
+                self.beat()
         if loaded:
             keys = list(loaded)
             images = torch.cat([loaded[k][0] for k in keys])
@@ -294,9 +310,9 @@ def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def _sample(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     fixed = {}
     for factor in ("fg", "bg", "pose"):
         choice = getattr(spec, factor)
@@ -318,7 +334,7 @@ def _sample(
 
 
 def _pose_grid(
-    ctx: Context, spec: Any, pipe: Any, items: list[int], job_id: str
+    ctx: Context, spec: Any, pipe: Any, items: list[int], job_id: str, beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
     import torch
 
@@ -346,7 +362,7 @@ def _pose_grid(
         for s in wanted
     ]
     encoded, errors = {}, {}
-    for s, found in zip(wanted, _People(ctx, pipe).get_many(refs), strict=True):
+    for s, found in zip(wanted, _People(ctx, pipe, beat).get_many(refs), strict=True):
         if isinstance(found, ItemError):
             errors[s] = found
         else:
@@ -386,9 +402,9 @@ def _transfer(pipe: Any, sources: Any, poses: Any, pairs: list[tuple[int, int]])
 
 
 def _swap(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     for item in items:
         row = spec.items[item]
         meta = {"item": item, "source": row.fg.uri, "pose": row.pose.uri, "seed": spec.seed}
@@ -404,9 +420,9 @@ def _swap(
 
 
 def _interpolate(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     paths: dict[int, Any] = {}
     for item in items:
         pair, step = divmod(item, spec.steps)
@@ -434,15 +450,15 @@ def _interpolate(
 
 
 def _items(
-    ctx: Context, spec: JobSpec, pipe: Any, items: list[int], job_id: str
+    ctx: Context, spec: JobSpec, pipe: Any, items: list[int], job_id: str, beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
     if spec.kind == "sample":
-        return _sample(ctx, spec, pipe, items)
+        return _sample(ctx, spec, pipe, items, beat)
     if spec.kind == "pose_grid":
-        return _pose_grid(ctx, spec, pipe, items, job_id)
+        return _pose_grid(ctx, spec, pipe, items, job_id, beat)
     if spec.kind == "swap":
-        return _swap(ctx, spec, pipe, items)
-    return _interpolate(ctx, spec, pipe, items)
+        return _swap(ctx, spec, pipe, items, beat)
+    return _interpolate(ctx, spec, pipe, items, beat)
 
 
 def _market_name(item: int, meta: dict[str, Any]) -> str:
@@ -451,6 +467,34 @@ def _market_name(item: int, meta: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """The chunk must stop now: "stopped" (pause, cancel, shutdown) or "lost_lease"."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+@dataclass
+class _Heartbeat:
+    """Called between micro-batches and between groups of source reads: raises _Interrupted
+    when the chunk should stop or has lost its lease, and renews the lease once a third of it
+    has passed, so a long chunk (or a long load) is not taken for a lost one."""
+
+    ctx: Context
+    claim: Claim
+    should_stop: StopCheck
+    renewed: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> None:
+        if self.should_stop():
+            raise _Interrupted("stopped")
+        if time.monotonic() - self.renewed > self.ctx.settings.lease_seconds / 3:
+            if not renew_lease(self.ctx, self.claim):
+                raise _Interrupted("lost_lease")  # someone else owns the chunk now
+            self.renewed = time.monotonic()
 
 
 def execute_chunk(
@@ -464,8 +508,8 @@ def execute_chunk(
     """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
     item's fault propagate (the caller releases the lease as a failed attempt).
 
-    Between micro-batches: stop (lease handed back, no commit) when `should_stop()` says so, and
-    renew the lease once a third of it has passed, so a long chunk is not taken for a lost one.
+    Between micro-batches and between groups of source reads: stop (lease handed back, no
+    commit) when `should_stop()` says so, and renew the lease once a third of it has passed.
     """
     started = time.perf_counter()
     job = job_row(ctx, claim.job_id)
@@ -473,17 +517,46 @@ def execute_chunk(
     with _stage("load"):
         pipe = pipes.get(ctx, job.model_name, job.weights_sha256, job.execution)
     writer = ShardWriter(ctx.storage, job_prefix(job.id), claim.index, spec.layout, claim.tag)
-    items = list(range(claim.item_start, claim.item_stop))
-    renew_every = ctx.settings.lease_seconds / 3
-    renewed = time.monotonic()
-    since_check = 0
+    beat = _Heartbeat(ctx, claim, should_stop)
 
     def outcome(state: str) -> ChunkOutcome:
         seconds = time.perf_counter() - started
         metrics.CHUNK_ATTEMPTS.labels(state).inc()
         return ChunkOutcome(state, writer.done, writer.failed, seconds)
 
-    for item, image, meta in _items(ctx, spec, pipe, items, job.id):
+    try:
+        _make_items(ctx, claim, spec, pipe, writer, beat, progress)
+    except _Interrupted as stop:
+        writer.close()
+        if stop.state == "stopped":
+            release_chunk(ctx, claim)
+        return outcome(stop.state)
+    except BaseException:
+        writer.close()
+        raise
+    with _stage("upload"):
+        writer.write(
+            {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
+        )
+    if not commit_chunk(ctx, claim, writer.done, writer.failed):
+        return outcome("lost_lease")
+    metrics.IMAGES_GENERATED.inc(writer.done)
+    metrics.CHUNK_DURATION.observe(time.perf_counter() - started)
+    return outcome("committed")
+
+
+def _make_items(
+    ctx: Context,
+    claim: Claim,
+    spec: JobSpec,
+    pipe: Any,
+    writer: ShardWriter,
+    beat: _Heartbeat,
+    progress: Progress,
+) -> None:
+    items = list(range(claim.item_start, claim.item_stop))
+    since_check = 0
+    for item, image, meta in _items(ctx, spec, pipe, items, claim.job_id, beat):
         with _stage("upload"):  # PNG encoding and shard assembly
             if isinstance(image, ItemError):
                 writer.fail(item, str(image), meta)
@@ -499,19 +572,4 @@ def execute_chunk(
         since_check += 1
         if since_check >= pipe.batch_size:
             since_check = 0
-            if should_stop():
-                release_chunk(ctx, claim)
-                return outcome("stopped")
-            if time.monotonic() - renewed > renew_every:
-                if not renew_lease(ctx, claim):
-                    return outcome("lost_lease")  # someone else owns the chunk now
-                renewed = time.monotonic()
-    with _stage("upload"):
-        writer.write(
-            {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
-        )
-    if not commit_chunk(ctx, claim, writer.done, writer.failed):
-        return outcome("lost_lease")
-    metrics.IMAGES_GENERATED.inc(writer.done)
-    metrics.CHUNK_DURATION.observe(time.perf_counter() - started)
-    return outcome("committed")
+            beat()

@@ -188,6 +188,77 @@ def test_a_job_fixed_to_another_device_class_is_refused(tmp_path: Path) -> None:
         assert "the job runs on cuda workers; this one runs on cpu" in (chunk.last_error or "")
 
 
+def test_loading_sources_checks_for_stop_and_renews_the_lease(
+    ctx: Context,
+    pipes: PipelineCache,
+    people: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pose-grid chunk reads its sources in groups (in parallel) and beats between groups: a
+    stop asked for while loading stops the chunk before its first item, and a long load renews
+    the lease."""
+    from service import executor
+    from service.jobs import claim_chunk
+
+    folder, keypoints = people
+    monkeypatch.setattr(executor, "LOAD_GROUP", 2, raising=False)
+    reads: list[str] = []
+    real_read = executor.read_uri
+
+    def counted(ctx: Context, uri: str, **kw: Any) -> bytes:
+        reads.append(uri)
+        return real_read(ctx, uri, **kw)
+
+    monkeypatch.setattr(executor, "read_uri", counted)
+    job = submit(ctx, tenant_id(ctx), _grid_spec(folder, keypoints, poses=2, chunk_size=12))
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    made: list[int] = []
+    outcome = executor.execute_chunk(
+        ctx, claim, pipes, should_stop=lambda: bool(reads), progress=made.append
+    )
+    assert (outcome.state, made, len(reads)) == ("stopped", [], 2)
+
+    renewed: list[int] = []
+    monkeypatch.setattr(executor, "renew_lease", lambda c, cl: renewed.append(1) or True)
+    monkeypatch.setattr(ctx.settings, "lease_seconds", 0)  # every beat renews
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    reads.clear()
+    assert executor.execute_chunk(ctx, claim, pipes).state == "committed"
+    assert len(reads) == 6 and len(renewed) >= 3  # one per group of 2 sources, at least
+
+
+@pytest.mark.parametrize("error", ["storage", "soft_time_limit"])
+def test_a_transient_read_error_fails_the_attempt_not_the_items(
+    ctx: Context,
+    pipes: PipelineCache,
+    people: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    error: str,
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from service import executor
+    from service.jobs import claim_chunk
+    from service.storage import StorageError
+
+    folder, keypoints = people
+    raised = StorageError("S3 unavailable") if error == "storage" else SoftTimeLimitExceeded()
+
+    def down(ctx: Context, uri: str, **kw: Any) -> bytes:
+        raise raised
+
+    monkeypatch.setattr(executor, "read_uri", down)
+    job = submit(ctx, tenant_id(ctx), _grid_spec(folder, keypoints, poses=2, chunk_size=12))
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    with pytest.raises(type(raised)):
+        executor.execute_chunk(ctx, claim, pipes)
+    with ctx.session() as session:
+        assert session.query(Chunk).filter_by(job_id=job.id).one().state == "running"
+
+
 def test_an_item_has_the_same_pixels_whatever_the_chunking(
     ctx: Context, pipes: PipelineCache, people: tuple[Path, dict[str, Any]]
 ) -> None:
