@@ -213,7 +213,8 @@ def recount(ctx: Context, job_id: str) -> None:
 
 
 def _counts(session: Session, job_id: str) -> tuple[int, int]:
-    committed = Chunk.output_tag.is_not(None)
+    # a done chunk without a tag was committed by a worker from before tags (a rolling upgrade)
+    committed = Chunk.output_tag.is_not(None) | (Chunk.state == ChunkState.DONE)
     uncommitted_dead = (Chunk.state == ChunkState.DEAD) & Chunk.output_tag.is_(None)
     done, failed, dead_items = session.execute(
         select(

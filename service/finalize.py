@@ -93,7 +93,7 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
         total = job.total_items
         job.state, job.finalize_token, job.finalize_expires_at = expected, token, now + lease
         chunks = [
-            ChunkOutput(*row)
+            _legacy_untagged(ChunkOutput(*row))
             for row in session.execute(
                 select(Chunk.id, Chunk.index, Chunk.state, Chunk.output_tag, Chunk.last_error)
                 .where(Chunk.job_id == job_id)
@@ -127,6 +127,14 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
             )
         )
         return bool(_rowcount(finished))
+
+
+def _legacy_untagged(chunk: ChunkOutput) -> ChunkOutput:
+    """A done chunk with no tag was committed by a worker from before attempt tags (a rolling
+    upgrade): its shard is under the untagged keys, never an orphan."""
+    if chunk.state == ChunkState.DONE and chunk.tag is None:
+        return ChunkOutput(chunk.chunk_id, chunk.index, chunk.state, "", chunk.last_error)
+    return chunk
 
 
 def _renewer(ctx: Context, job_id: str, token: str, lease: timedelta) -> Callable[[], None]:

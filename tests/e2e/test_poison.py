@@ -4,6 +4,7 @@ dead-lettered after max attempts, with its error; the rest of the job completes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import uuid
 from pathlib import Path
@@ -54,6 +55,12 @@ def grid(e2e: Any, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     ]  # fmt: skip
 
 
+def _with_tests_dir() -> str:
+    """PYTHONPATH with this folder (for poison_preload) in front of whatever the run has, so
+    the poisoned workers still import the code under test (not an installed copy)."""
+    return os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
+
+
 def test_poison_chunk_is_dead_lettered(stack: Any, e2e: Any, grid: list[str]) -> None:
     # the undisturbed run, by the ordinary workers: every item, poisoned name or not
     ref_job = e2e.submit(*grid)
@@ -67,7 +74,7 @@ def test_poison_chunk_is_dead_lettered(stack: Any, e2e: Any, grid: list[str]) ->
     try:
         stack.restart("dispatcher", env={"DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
         stack.restart_workers(
-            env={"PYTHONPATH": str(Path(__file__).parent), "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
+            env={"PYTHONPATH": _with_tests_dir(), "DPIG_MAX_ATTEMPTS": str(MAX_ATTEMPTS)},
             command=preload,
         )
         job = e2e.submit(*grid)

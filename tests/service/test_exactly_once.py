@@ -394,3 +394,30 @@ def test_orphans_of_a_cancelled_job_are_removed(ctx: Context) -> None:
     assert all(name.startswith("000000-") for name in names) and len(names) == 3
     summary = json.loads((_out(ctx, job) / "_CANCELLED").read_text())
     assert summary == {"items": 2, "done": 2, "failed": 0}
+
+
+def test_a_chunk_committed_by_a_worker_from_before_tags_is_kept(ctx: Context) -> None:
+    """A rolling upgrade: an old worker wrote the untagged `shards/NNNNNN.*` and committed
+    without a tag; the new finaliser must read those, not sweep them as orphans."""
+    job = _submit(ctx)
+    (chunk_id,) = _chunk_ids(ctx, job)
+    claim = _claim(ctx, chunk_id)
+    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index)
+    for item in range(claim.item_start, claim.item_stop):
+        writer.add(item, b"png", {"item": item, "seed": 0})
+    writer.write()
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk_id)
+            .values(state="done", done_items=2, lease_token=None, output_tag=None)
+        )
+    recount(ctx, job)
+    assert maybe_finalize(ctx, job)
+    final = _job(ctx, job)
+    assert (final.state, final.done_items) == ("completed", 2)
+    assert [r["object"] for r in _manifest(ctx, job)] == [
+        "shards/000000.tar#0000000000.png",
+        "shards/000000.tar#0000000001.png",
+    ]
+    assert (_out(ctx, job) / "shards" / "000000.tar").is_file()
