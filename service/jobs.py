@@ -491,9 +491,20 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
                 ],
             )
     except Exception:
-        ctx.storage.delete_prefix(prefix)
+        if not _job_exists(ctx, job.id):  # an ambiguous commit may have applied: keep its inputs
+            ctx.storage.delete_prefix(prefix)
         raise
     return _view(job, 0)
+
+
+def _job_exists(ctx: Context, job_id: str) -> bool:
+    """Whether the job row is there; when the database cannot say, assume it is (leftover
+    inputs cost a little storage, deleted inputs break a live job)."""
+    try:
+        with ctx.session() as session:
+            return session.get(Job, job_id) is not None
+    except Exception:  # noqa: BLE001 - the database is unreachable
+        return True
 
 
 def execution_of(settings: Settings) -> dict[str, Any]:

@@ -11,7 +11,9 @@ transaction (an engine hook), or a stale worker is replayed after the chunk was 
 - a retried chunk keeps its last committed attempt until a new one commits;
 - `retry` sends its chunks through the bounded publisher, not the lost-message sweep;
 - one dispatcher at a time (advisory lock);
-- recounts serialise, so a finished job never shows stale counts.
+- recounts serialise, so a finished job never shows stale counts;
+- a done chunk committed by a worker from before tags keeps its untagged shard;
+- an ambiguous submit commit (applied, then raising) keeps the live job's inputs.
 """
 
 from __future__ import annotations
@@ -421,3 +423,48 @@ def test_a_chunk_committed_by_a_worker_from_before_tags_is_kept(ctx: Context) ->
         "shards/000000.tar#0000000001.png",
     ]
     assert (_out(ctx, job) / "shards" / "000000.tar").is_file()
+
+
+def test_an_ambiguous_submit_commit_keeps_the_live_jobs_inputs(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """The commit applies, then the call raises (a connection lost while COMMIT's answer was on
+    its way): the job exists, so its inputs must stay."""
+    from sqlalchemy.orm import Session
+
+    folder = tmp_path / "sources"
+    folder.mkdir()
+    settings = ctx.settings.model_copy(update={"allowed_source_prefixes": [folder.as_uri()]})
+    ctx = open_context(settings, embedded=False, migrate=False)
+    (folder / "a.png").write_bytes(b"not read at submit")
+    spec = parse_spec(
+        {
+            "kind": "pose_grid",
+            "images": folder.as_uri(),
+            "poses": [{"keypoints": [[10.0, 10.0, 1.0]] * 18, "height": 64, "width": 32}],
+            "source_keypoints": {"a.png": [[10.0, 10.0, 1.0]] * 18},
+        }
+    )
+    tenant = tenant_id(ctx, "acme")
+
+    inserted: list[bool] = []
+
+    def saw_job(session: Session, flush_context: Any, instances: Any) -> None:
+        inserted.extend(isinstance(obj, Job) for obj in session.new)
+
+    def lost_answer(session: Session) -> None:
+        if any(inserted):  # the commit that inserted the job
+            inserted.clear()
+            raise ConnectionError("server closed the connection after COMMIT")
+
+    event.listen(Session, "before_flush", saw_job)
+    event.listen(Session, "after_commit", lost_answer)
+    try:
+        with pytest.raises(ConnectionError):
+            submit(ctx, tenant, spec)
+    finally:
+        event.remove(Session, "after_commit", lost_answer)
+        event.remove(Session, "before_flush", saw_job)
+    with ctx.session() as session:
+        (job_id,) = session.scalars(select(Job.id)).all()
+    assert (_out(ctx, job_id) / "inputs" / "sources.json").is_file()
