@@ -9,7 +9,9 @@ One `tick` does, in order:
    priority and then round-robin across tenants (a window function in SQL), oldest job first; a
    chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
    dependency (S3, say) does not burn through its attempts in seconds;
-4. finalise jobs whose chunks are all terminal, and refresh the gauges.
+4. finalise jobs whose chunks are all terminal (unless `finalize_in_tick` is off: `dpig
+   dispatcher` finalises in a thread of its own, so that a long finalisation never holds up
+   publishing and lease sweeping), and refresh the gauges.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class DispatchConfig:
     # the gauges are refreshed at most this often (0: every tick)
     gauges_every_s: float = 0.0
     gauges_refreshed_at: float = field(default=float("-inf"), repr=False)
+    finalize_in_tick: bool = True
 
 
 @dataclass
@@ -249,7 +252,8 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
         }
     for queue in queues:
         report.published[queue] = _publish(ctx, ready[queue], queue, publish)
-    report.finalized = finalize_ready(ctx)
+    if config.finalize_in_tick:
+        report.finalized = finalize_ready(ctx)
     now = time.monotonic()
     if config.gauges_every_s <= 0 or now - config.gauges_refreshed_at >= config.gauges_every_s:
         refresh_gauges(ctx)
