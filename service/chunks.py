@@ -48,7 +48,7 @@ def attempt_tag(token: str) -> str:
     return token.replace("-", "")[:16]
 
 
-def _rowcount(result: object) -> int:
+def rowcount(result: object) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
@@ -81,7 +81,7 @@ def claim_chunk(
             .where(Job.id == chunk.job_id, Job.state.in_(RUNNABLE))
             .values(state=JobState.RUNNING, started_at=func.coalesce(Job.started_at, now))
         )
-        if not _rowcount(started):
+        if not rowcount(started):
             return None
         chunk.state = ChunkState.RUNNING
         chunk.attempts += 1
@@ -114,7 +114,7 @@ def renew_lease(ctx: Context, claim: Claim) -> bool:
         result = session.execute(
             update(Chunk).where(*_held(claim)).values(lease_expires_at=expires)  # type: ignore[arg-type]
         )
-        return bool(_rowcount(result))
+        return bool(rowcount(result))
 
 
 def commit_chunk(ctx: Context, claim: Claim, done: int, failed: int) -> bool:
@@ -135,7 +135,7 @@ def commit_chunk(ctx: Context, claim: Claim, done: int, failed: int) -> bool:
                 last_error=None,
             )
         )
-        committed = bool(_rowcount(result))
+        committed = bool(rowcount(result))
     if committed:
         recount(ctx, claim.job_id)
     return committed

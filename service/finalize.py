@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import func, select, update
 
-from service.chunks import _rowcount, recount
+from service.chunks import recount, rowcount
 from service.context import Context, db_now
 from service.db import TERMINAL_JOB_STATES, Chunk, ChunkState, Job, JobState
 from service.shards import MANIFEST_SCHEMA, parse_shard_key, sha256_of, shard_name
@@ -126,7 +126,7 @@ def maybe_finalize(ctx: Context, job_id: str) -> bool:
                 **values,
             )
         )
-        return bool(_rowcount(finished))
+        return bool(rowcount(finished))
 
 
 def _legacy_untagged(chunk: ChunkOutput) -> ChunkOutput:
@@ -151,7 +151,7 @@ def _renewer(ctx: Context, job_id: str, token: str, lease: timedelta) -> Callabl
                 .where(Job.id == job_id, Job.finalize_token == token)
                 .values(finalize_expires_at=db_now(session) + lease)
             )
-            if not _rowcount(held):
+            if not rowcount(held):
                 raise FinalizerLost(f"job {job_id}: another finaliser took over")
         last["at"] = time.monotonic()
 

@@ -86,7 +86,7 @@ def spec_of(job: dict[str, Any]) -> Any:
     return ok("status", job["id"], "--full")["spec"]
 
 
-def test_submit_json_leaves_the_spec_out() -> None:
+def test_submit_json_leaves_the_spec_out(home: Path) -> None:
     job = ok("submit", "sample", "--count", 2, "--detach")
     assert job["spec"] is None
     assert spec_of(job)["count"] == 2
