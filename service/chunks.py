@@ -37,15 +37,7 @@ class Claim:
     token: str
     attempt: int
     published_at: datetime | None = None
-
-    @property
-    def tag(self) -> str:
-        """This attempt's name in its shard objects' keys."""
-        return attempt_tag(self.token)
-
-
-def attempt_tag(token: str) -> str:
-    return token.replace("-", "")[:16]
+    tag: str = ""  # this claim's name in its shard objects' keys
 
 
 def rowcount(result: object) -> int:
@@ -85,6 +77,9 @@ def claim_chunk(
             return None
         chunk.state = ChunkState.RUNNING
         chunk.attempts += 1
+        # numbered, not random: two undisturbed runs of a spec name their shards alike (and so
+        # write byte-identical manifests), while no two claims of a chunk ever share keys
+        chunk.claims += 1
         chunk.lease_owner, chunk.lease_token = owner, str(uuid.uuid4())
         chunk.lease_expires_at = now + timedelta(seconds=ctx.settings.lease_seconds)
         chunk.started_at = now
@@ -97,6 +92,7 @@ def claim_chunk(
             chunk.lease_token,
             chunk.attempts,
             chunk.published_at,
+            str(chunk.claims),
         )
 
 

@@ -1,8 +1,10 @@
 """Exactly-once outputs: the committed attempt of each chunk, and the finaliser's lease.
 
 `jobs.execution` fixes the micro-batch size, precision and device class of a job's items;
-`chunks.output_tag` names the attempt whose shard objects (`shards/NNNNNN-<tag>.*`) are
-canonical; `jobs.finalize_token` / `jobs.finalize_expires_at` let one finaliser at a time run.
+`chunks.claims` counts every claim ever made of a chunk (never reset: it numbers the
+attempts' output keys); `chunks.output_tag` names the attempt whose shard objects
+(`shards/NNNNNN-<tag>.*`) are canonical; `jobs.finalize_token` / `jobs.finalize_expires_at` let
+one finaliser at a time run.
 
 Revision ID: 0002
 Revises: 0001
@@ -23,6 +25,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.add_column("chunks", sa.Column("output_tag", sa.String(length=32), nullable=True))
+    op.add_column(
+        "chunks", sa.Column("claims", sa.Integer(), server_default=sa.text("0"), nullable=False)
+    )
     op.add_column("jobs", sa.Column("finalize_token", sa.String(length=36), nullable=True))
     op.add_column(
         "jobs", sa.Column("finalize_expires_at", sa.DateTime(timezone=True), nullable=True)
@@ -39,4 +44,5 @@ def downgrade() -> None:
         batch.drop_column("finalize_token")
         batch.drop_column("execution")
     with op.batch_alter_table("chunks") as batch:
+        batch.drop_column("claims")
         batch.drop_column("output_tag")

@@ -274,5 +274,7 @@ class Chunk(Base):
     # the committed attempt: its shard objects are `shards/NNNNNN-<output_tag>.*`; kept (with
     # done/failed_items) until another attempt commits
     output_tag: Mapped[str | None] = mapped_column(String(32))
+    # every claim ever made (never reset, unlike `attempts`): claim n writes `shards/NNNNNN-n.*`
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     job: Mapped[Job] = relationship(back_populates="chunks")

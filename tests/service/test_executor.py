@@ -41,7 +41,9 @@ def pipes() -> PipelineCache:
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> Context:
-    return open_context(Settings.from_values(home=tmp_path / "home", max_attempts=2), embedded=True)
+    # jobs run with the micro-batch size fixed at submit: the same as the pipes fixture's
+    settings = Settings.from_values(home=tmp_path / "home", max_attempts=2, batch_size=8)
+    return open_context(settings, embedded=True)
 
 
 @pytest.fixture(scope="module")
