@@ -85,11 +85,10 @@ class EmbeddedClient:
 
     mode = "embedded"
 
-    def __init__(self, *, batch_size: int = 32) -> None:
+    def __init__(self) -> None:
         from service.settings import get_settings
 
         self.settings = get_settings()
-        self.batch_size = batch_size
         self._ctx: Context | None = None
         self._tenant: int | None = None
         self._pipes: PipelineCache | None = None
@@ -120,7 +119,11 @@ class EmbeddedClient:
         if self._pipes is None:
             from service.executor import PipelineCache
 
-            self._pipes = PipelineCache(batch_size=self.batch_size)
+            # a job runs with its own micro-batch size and precision (fixed at submit from
+            # DPIG_BATCH_SIZE / DPIG_PRECISION); these are only the defaults for older jobs
+            self._pipes = PipelineCache(
+                device=self.settings.device or "cpu", batch_size=self.settings.batch_size
+            )
         return self._pipes
 
     @staticmethod

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def dispatcher(
     from prometheus_client import start_http_server
 
     from service import metrics
-    from service.dispatch import DispatchConfig, tick
+    from service.dispatch import DispatchConfig, finalize_ready, tick
+    from service.dispatch_lock import DispatcherLock
     from service.jobs import open_context
     from service.settings import get_settings
     from workers.celery_app import app
@@ -96,6 +98,7 @@ def dispatcher(
         republish_after_s=republish_after,
         retry_backoff_s=retry_backoff,
         gauges_every_s=1.0,
+        finalize_in_tick=False,
     )
     stopping = {"now": False}
 
@@ -109,9 +112,33 @@ def dispatcher(
         app.send_task("dpig.run_chunk", args=[chunk_id], queue=queue)
 
     ctx = None
+    lock = DispatcherLock(get_settings().database_url)
+    standing_by = False
+
+    def finalise_forever() -> None:
+        """Finalisation streams for minutes on a large job: beside the ticks, not inside."""
+        fctx = None
+        while not stopping["now"]:
+            try:
+                if lock.held:
+                    fctx = fctx or open_context(get_settings(), migrate=False)
+                    if finalized := finalize_ready(fctx):
+                        log.info("finalised %d jobs", finalized)
+            except Exception as exc:  # noqa: BLE001 - an outage: try again
+                log.warning("finalising failed: %s", exc)
+            time.sleep(interval)
+
+    threading.Thread(target=finalise_forever, name="finaliser", daemon=True).start()
     while not stopping["now"]:
         started = time.monotonic()
         try:
+            if not lock.acquire():  # another dispatcher is active: only one may tick
+                if not standing_by:
+                    log.info("another dispatcher holds the lock; standing by")
+                standing_by = True
+                time.sleep(interval)
+                continue
+            standing_by = False
             ctx = ctx or open_context(get_settings(), migrate=False)
             report = tick(ctx, publish, config)
             if report.expired or report.republished or any(report.published.values()):
@@ -119,3 +146,4 @@ def dispatcher(
         except Exception as exc:  # noqa: BLE001 - a database or broker outage: retry next tick
             log.warning("tick failed: %s", exc)
         time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    lock.release()

@@ -9,7 +9,9 @@ One `tick` does, in order:
    priority and then round-robin across tenants (a window function in SQL), oldest job first; a
    chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
    dependency (S3, say) does not burn through its attempts in seconds;
-4. finalise jobs whose chunks are all terminal, and refresh the gauges;
+4. finalise jobs whose chunks are all terminal (unless `finalize_in_tick` is off: `dpig
+   dispatcher` finalises in a thread of its own, so that a long finalisation never holds up
+   publishing and lease sweeping), and refresh the gauges;
 5. expire unfinished jobs past their `expires_at`, and delete the outputs of finished jobs past
    their `retain_days` (service.retention); send the webhooks that are due (service.webhooks).
 """
@@ -27,8 +29,10 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from service import metrics, retention, webhooks
-from service.db import Chunk, ChunkState, Job, JobState, Queue, utcnow
-from service.jobs import Context, maybe_finalize, requeue_expired
+from service.chunks import requeue_expired
+from service.context import Context, db_now
+from service.db import Chunk, ChunkState, Job, JobState, Queue
+from service.finalize import maybe_finalize
 
 log = logging.getLogger(__name__)
 Publish = Callable[[int, str], None]  # (chunk id, queue) → send the message
@@ -48,6 +52,7 @@ class DispatchConfig:
     # the gauges are refreshed at most this often (0: every tick)
     gauges_every_s: float = 0.0
     gauges_refreshed_at: float = field(default=float("-inf"), repr=False)
+    finalize_in_tick: bool = True
 
 
 @dataclass
@@ -124,7 +129,7 @@ def _next_chunks(
 ) -> list[int]:
     if limit <= 0:
         return []
-    due = retry_due(utcnow(), retry_backoff_s, retry_backoff_max_s)
+    due = retry_due(db_now(session), retry_backoff_s, retry_backoff_max_s)
     turn = func.row_number().over(
         partition_by=Job.tenant_id, order_by=(Job.priority.desc(), Job.created_at, Chunk.index)
     )
@@ -144,12 +149,12 @@ def _next_chunks(
     return [int(row) for row in session.scalars(query)]
 
 
-def _mark_published(ctx: Context, chunk_ids: list[int], when: Any) -> None:
+def _mark_published(ctx: Context, chunk_ids: list[int], *, sent: bool) -> None:
     with ctx.session() as session:
         session.execute(
             update(Chunk)
             .where(Chunk.id.in_(chunk_ids), Chunk.state == ChunkState.PENDING)
-            .values(published_at=when)
+            .values(published_at=db_now(session) if sent else None)
         )
 
 
@@ -158,7 +163,7 @@ def _publish(ctx: Context, chunk_ids: list[int], queue: str, publish: Publish) -
     re-publish step recovers; a send that fails is unmarked at once."""
     if not chunk_ids:
         return 0
-    _mark_published(ctx, chunk_ids, utcnow())
+    _mark_published(ctx, chunk_ids, sent=True)
     sent = 0
     for chunk_id in chunk_ids:
         try:
@@ -166,15 +171,15 @@ def _publish(ctx: Context, chunk_ids: list[int], queue: str, publish: Publish) -
             sent += 1
         except Exception as exc:  # noqa: BLE001 - the broker is down: try again next tick
             log.warning("publishing chunk %d to %s failed: %s", chunk_id, queue, exc)
-            _mark_published(ctx, chunk_ids[sent:], None)
+            _mark_published(ctx, chunk_ids[sent:], sent=False)
             break
     return sent
 
 
 def republish_lost(ctx: Context, publish: Publish, older_than_s: float) -> int:
     """Pending chunks whose message went out more than `older_than_s` ago and never started."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
     with ctx.session() as session:
+        cutoff = db_now(session) - timedelta(seconds=older_than_s)
         rows = session.execute(
             select(Chunk.id, Job.queue)
             .join(Job)
@@ -249,7 +254,8 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
         }
     for queue in queues:
         report.published[queue] = _publish(ctx, ready[queue], queue, publish)
-    report.finalized = finalize_ready(ctx)
+    if config.finalize_in_tick:
+        report.finalized = finalize_ready(ctx)
     retention.expire_due(ctx)
     retention.delete_due(ctx)
     webhooks.deliver_due(ctx)

@@ -22,9 +22,13 @@ def tenant_reason(exc: BaseException) -> str:
     database and runtime errors are named by kind."""
     from service.executor import ItemError, SourceTooLarge  # the executor imports this module
 
-    if isinstance(exc, (ItemError, JobError, SourceTooLarge)):
+    # ValueErrors are what reading and checking an input raise on purpose (a URI outside the
+    # allowed prefixes, a size over a limit): about the tenant's own input
+    if isinstance(exc, (ItemError, JobError, SourceTooLarge, ValueError)):
         return str(exc)
     name = type(exc).__name__
+    if name == "NotFound":  # service.storage's own
+        return "object not found"
     if name == "SoftTimeLimitExceeded":
         return "chunk exceeded the soft time limit"
     code = _storage_error_code(exc)

@@ -13,13 +13,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
+from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from service import labels, metrics
@@ -41,7 +43,7 @@ from service.jobs import (
 from service.settings import Settings
 from service.shards import ShardWriter
 from service.specs import ImageRef, JobSpec, parse_spec
-from service.storage import parse_source_uri, storage_from_url
+from service.storage import NotFound, Storage, parse_source_uri, storage_from_url
 
 log = logging.getLogger(__name__)
 StopCheck = Callable[[], bool]
@@ -73,18 +75,42 @@ class ChunkOutcome:
     seconds: float = 0.0
 
 
+class WrongWorker(RuntimeError):
+    """This worker cannot make the job's bytes (another device class): the attempt fails with
+    this reason, and the chunk goes to another worker."""
+
+
 class PipelineCache:
     """Pipelines by model name and weights hash: a worker loads each model once."""
 
     def __init__(self, device: str = "cpu", batch_size: int = 32, **options: Any) -> None:
         self.device, self.batch_size, self.options = device, batch_size, options
-        self._pipes: dict[tuple[str, str], Any] = {}
+        self._pipes: dict[tuple[str, str, int, str], Any] = {}
         self._lock = threading.Lock()
         self.load_seconds: dict[str, float] = {}
 
-    def get(self, ctx: Context, name: str, weights_sha256: str) -> Any:
+    def get(
+        self,
+        ctx: Context,
+        name: str,
+        weights_sha256: str,
+        execution: dict[str, Any] | None = None,
+    ) -> Any:
+        """The pipeline of a model, with the job's micro-batch size and precision (`execution`,
+        fixed at submit; this worker's own for jobs without one). A job fixed to another device
+        class is refused: its bytes would differ."""
+        execution = execution or {}
+        device_class = str(self.device).split(":")[0]
+        if execution.get("device") and execution["device"] != device_class:
+            raise WrongWorker(
+                f"the job runs on {execution['device']} workers; this one runs on {device_class}"
+            )
+        batch_size = int(execution.get("batch_size") or self.batch_size)
+        options = self.options | (
+            {"precision": execution["precision"]} if execution.get("precision") else {}
+        )
         with self._lock:
-            key = (name, weights_sha256)
+            key = (name, weights_sha256, batch_size, str(options.get("precision", "fp32")))
             if key not in self._pipes:
                 from dpig_core.pipeline import DPIGPipeline
 
@@ -95,9 +121,9 @@ class PipelineCache:
                 self._pipes[key] = DPIGPipeline.from_pretrained(
                     info.path,
                     device=self.device,
-                    batch_size=self.batch_size,
+                    batch_size=batch_size,
                     images_on_device=True,  # converted to uint8 there (to_uint8_batch)
-                    **self.options,
+                    **options,
                 )
                 self.load_seconds[name] = time.perf_counter() - started
                 metrics.MODEL_LOAD.observe(self.load_seconds[name])
@@ -106,6 +132,20 @@ class PipelineCache:
 
 # ------------------------------------------------------------------------------------------------
 # inputs
+
+
+_storages: dict[str, tuple[Settings, Storage]] = {}
+_storages_lock = threading.Lock()
+
+
+def source_storage(ctx: Context, url: str) -> Storage:
+    """One storage client per bucket for the whole process (rebuilt only if the settings
+    object changes): building a boto3 client costs ~100 ms, more than reading a small image."""
+    with _storages_lock:
+        found = _storages.get(url)
+        if found is None or found[0] is not ctx.settings:
+            found = _storages[url] = (ctx.settings, storage_from_url(url, ctx.settings))
+        return found[1]
 
 
 def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
@@ -118,8 +158,7 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
         path = Path(unquote(urlsplit(location.storage_url).path), location.prefix)
         handle: BinaryIO = path.open("rb")
     else:
-        storage = storage_from_url(location.storage_url, ctx.settings)
-        handle = storage.open_read(location.prefix.rstrip("/"))
+        handle = source_storage(ctx, location.storage_url).open_read(location.prefix.rstrip("/"))
     with handle:
         data = handle.read(limit + 1)  # never more than the cap, whatever the object's size
     if len(data) > limit:
@@ -129,6 +168,18 @@ def read_uri(ctx: Context, uri: str, *, field: str = "uri") -> bytes:
 
 class SourceTooLarge(ValueError):
     """A source object over `max_source_bytes`: its items fail with this reason."""
+
+
+# reading a source fails its items only for reasons intrinsic to the item: it does not exist,
+# is not a file, is not readable by us, is too large, or its URI is not allowed
+ITEM_READ_ERRORS = (
+    NotFound,
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def _decode_person(
@@ -149,7 +200,7 @@ def _decode_person(
                     f"{settings.max_source_pixels} pixels (max_source_pixels)"
                 )
             image = opened.convert("RGB")
-    except ItemError:
+    except (ItemError, SoftTimeLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - any decoder error is this item's failure
         raise ItemError(f"{label}: unreadable image ({exc})") from None
@@ -183,38 +234,55 @@ def _estimate(pixels: Any, label: str) -> Any:
     return rcv
 
 
-class _People:
-    """Encoded people by URI, loaded once per chunk."""
+# sources are read LOAD_PARALLEL at a time, in groups of LOAD_GROUP between heartbeats (stop
+# check and lease renewal), so loading a large pose-grid chunk never outlasts its lease
+LOAD_GROUP = 64
+LOAD_PARALLEL = 8
 
-    def __init__(self, ctx: Context, pipe: Any) -> None:
-        self.ctx, self.pipe = ctx, pipe
+
+class _People:
+    """Encoded people by URI, loaded once per chunk; `beat` is called between groups of reads."""
+
+    def __init__(self, ctx: Context, pipe: Any, beat: Callable[[], None] = lambda: None) -> None:
+        self.ctx, self.pipe, self.beat = ctx, pipe, beat
         self._cache: dict[tuple[str, Any], Any] = {}
 
     @staticmethod
     def _key(ref: ImageRef) -> tuple[str, Any]:
         return ref.uri, None if ref.keypoints is None else str(ref.keypoints)
 
-    def _load(self, ref: ImageRef) -> tuple[Any, Any]:
+    def _read(self, ref: ImageRef) -> bytes | ItemError:
         try:
-            data = read_uri(self.ctx, ref.uri)
-        except Exception as exc:  # noqa: BLE001 - a missing source fails its items
+            return read_uri(self.ctx, ref.uri)
+        except ITEM_READ_ERRORS as exc:
             log.warning("reading %s failed", ref.uri, exc_info=True)  # details for the operator
-            raise ItemError(f"{ref.uri}: {tenant_reason(exc)}") from None
-        return _decode_person(data, ref.keypoints, ref.uri, self.pipe, self.ctx.settings)
+            return ItemError(f"{ref.uri}: {tenant_reason(exc)}")
+        # anything else (S3 or the network down, a timeout, Celery's soft time limit) is not the
+        # item's fault: it fails the attempt, and the chunk is retried after a backoff
 
     def get_many(self, refs: Sequence[ImageRef]) -> list[Any]:
         """Factors (one person) or the ItemError of each ref. New people are encoded together,
         in as few micro-batches as possible."""
         import torch
 
-        new = {self._key(r): r for r in refs if self._key(r) not in self._cache}
+        new = list({self._key(r): r for r in refs if self._key(r) not in self._cache}.items())
         loaded: dict[tuple[str, Any], tuple[Any, Any]] = {}
-        for key, ref in new.items():
-            try:
+        with ThreadPoolExecutor(min(LOAD_PARALLEL, max(1, len(new)))) as pool:
+            for start in range(0, len(new), LOAD_GROUP):
+                group = new[start : start + LOAD_GROUP]
                 with _stage("load"):
-                    loaded[key] = self._load(ref)
-            except ItemError as exc:
-                self._cache[key] = exc
+                    read = list(pool.map(self._read, [ref for _, ref in group]))
+                    for (key, ref), data in zip(group, read, strict=True):
+                        try:
+                            if isinstance(data, ItemError):
+                                raise data
+                            settings = self.ctx.settings
+                            loaded[key] = _decode_person(
+                                data, ref.keypoints, ref.uri, self.pipe, settings
+                            )
+                        except ItemError as exc:
+                            self._cache[key] = exc
+                self.beat()
         if loaded:
             keys = list(loaded)
             images = torch.cat([loaded[k][0] for k in keys])
@@ -242,9 +310,9 @@ def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
 
 
 def _sample(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     fixed = {}
     for factor in ("fg", "bg", "pose"):
         choice = getattr(spec, factor)
@@ -272,7 +340,7 @@ def _sample(
 
 
 def _pose_grid(
-    ctx: Context, spec: Any, pipe: Any, items: list[int], job_id: str
+    ctx: Context, spec: Any, pipe: Any, items: list[int], job_id: str, beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
     import torch
 
@@ -300,7 +368,7 @@ def _pose_grid(
         for s in wanted
     ]
     encoded, errors = {}, {}
-    for s, found in zip(wanted, _People(ctx, pipe).get_many(refs), strict=True):
+    for s, found in zip(wanted, _People(ctx, pipe, beat).get_many(refs), strict=True):
         if isinstance(found, ItemError):
             errors[s] = found
         else:
@@ -343,9 +411,9 @@ def _transfer(pipe: Any, sources: Any, poses: Any, pairs: list[tuple[int, int]])
 
 
 def _swap(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     for item in items:
         row = spec.items[item]
         meta = {"item": item, "source": row.fg.uri, "pose": row.pose.uri, "seed": spec.seed}
@@ -362,9 +430,9 @@ def _swap(
 
 
 def _interpolate(
-    ctx: Context, spec: Any, pipe: Any, items: list[int]
+    ctx: Context, spec: Any, pipe: Any, items: list[int], beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    people = _People(ctx, pipe)
+    people = _People(ctx, pipe, beat)
     paths: dict[int, Any] = {}
     for item in items:
         pair, step = divmod(item, spec.steps)
@@ -394,15 +462,15 @@ def _interpolate(
 
 
 def _items(
-    ctx: Context, spec: JobSpec, pipe: Any, items: list[int], job_id: str
+    ctx: Context, spec: JobSpec, pipe: Any, items: list[int], job_id: str, beat: Callable[[], None]
 ) -> Iterator[tuple[int, Any, dict[str, Any]]]:
     if spec.kind == "sample":
-        return _sample(ctx, spec, pipe, items)
+        return _sample(ctx, spec, pipe, items, beat)
     if spec.kind == "pose_grid":
-        return _pose_grid(ctx, spec, pipe, items, job_id)
+        return _pose_grid(ctx, spec, pipe, items, job_id, beat)
     if spec.kind == "swap":
-        return _swap(ctx, spec, pipe, items)
-    return _interpolate(ctx, spec, pipe, items)
+        return _swap(ctx, spec, pipe, items, beat)
+    return _interpolate(ctx, spec, pipe, items, beat)
 
 
 def _market_name(item: int, meta: dict[str, Any], extension: str) -> str:
@@ -411,6 +479,34 @@ def _market_name(item: int, meta: dict[str, Any], extension: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+class _Interrupted(Exception):
+    """The chunk must stop now: "stopped" (pause, cancel, shutdown) or "lost_lease"."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
+
+
+@dataclass
+class _Heartbeat:
+    """Called between micro-batches and between groups of source reads: raises _Interrupted
+    when the chunk should stop or has lost its lease, and renews the lease once a third of it
+    has passed, so a long chunk (or a long load) is not taken for a lost one."""
+
+    ctx: Context
+    claim: Claim
+    should_stop: StopCheck
+    renewed: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> None:
+        if self.should_stop():
+            raise _Interrupted("stopped")
+        if time.monotonic() - self.renewed > self.ctx.settings.lease_seconds / 3:
+            if not renew_lease(self.ctx, self.claim):
+                raise _Interrupted("lost_lease")  # someone else owns the chunk now
+            self.renewed = time.monotonic()
 
 
 def execute_chunk(
@@ -424,46 +520,79 @@ def execute_chunk(
     """Make a leased chunk's items, write its shard, and commit it. Errors that are not one
     item's fault propagate (the caller releases the lease as a failed attempt).
 
-    Between micro-batches: stop (lease handed back, no commit) when `should_stop()` says so, and
-    renew the lease once a third of it has passed, so a long chunk is not taken for a lost one.
-    The encode pool compresses micro-batch k while the model runs k+1; waiting on it runs the
-    same checks (`OrderedEncoder.ready`), and they run once more after the last image.
+    Between micro-batches and between groups of source reads: stop (lease handed back, no
+    commit) when `should_stop()` says so, and renew the lease once a third of it has passed, so
+    a long chunk is not taken for a lost one. The encode pool compresses micro-batch k while the
+    model runs k+1; waiting on it runs the same checks (`OrderedEncoder.ready`), and they run
+    once more after the last image.
     """
     started = time.perf_counter()
     job = job_row(ctx, claim.job_id)
     spec = parse_spec(job.spec)
     with _stage("load"):
-        pipe = pipes.get(ctx, job.model_name, job.weights_sha256)
+        pipe = pipes.get(ctx, job.model_name, job.weights_sha256, job.execution)
     fmt = spec.output
     writer = ShardWriter(
-        ctx.storage, job_prefix(job.id), claim.index, spec.layout, fmt.extension, fmt.content_type
+        ctx.storage,
+        job_prefix(job.id),
+        claim.index,
+        spec.layout,
+        fmt.extension,
+        fmt.content_type,
+        claim.tag,
     )
     encoder = OrderedEncoder(
         shared_pool(ctx.settings.encode_workers), fmt, max_pending=2 * pipe.batch_size
     )
-    market_names = spec.layout == "files" and spec.kind == "sample" and bool(spec.per_identity)
-    items = list(range(claim.item_start, claim.item_stop))
-    renew_every = ctx.settings.lease_seconds / 3
-    poll_seconds = min(1.0, renew_every / 4)
-    renewed = time.monotonic()
-    since_check = 0
-    halted: list[str] = []
+    beat = _Heartbeat(ctx, claim, should_stop)
 
     def outcome(state: str) -> ChunkOutcome:
         seconds = time.perf_counter() - started
         metrics.CHUNK_ATTEMPTS.labels(state).inc()
         return ChunkOutcome(state, writer.done, writer.failed, seconds)
 
+    try:
+        _make_items(ctx, claim, spec, pipe, writer, encoder, beat, progress)
+    except _Interrupted as stop:
+        encoder.cancel()
+        writer.close()
+        if stop.state == "stopped":
+            release_chunk(ctx, claim)
+        return outcome(stop.state)
+    except BaseException:
+        encoder.cancel()
+        writer.close()
+        raise
+    with _stage("upload"):
+        writer.write(
+            {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
+        )
+    if not commit_chunk(ctx, claim, writer.done, writer.failed):
+        return outcome("lost_lease")
+    metrics.IMAGES_GENERATED.inc(writer.done)
+    metrics.CHUNK_DURATION.observe(time.perf_counter() - started)
+    return outcome("committed")
+
+
+def _make_items(
+    ctx: Context,
+    claim: Claim,
+    spec: JobSpec,
+    pipe: Any,
+    writer: ShardWriter,
+    encoder: OrderedEncoder,
+    beat: _Heartbeat,
+    progress: Progress,
+) -> None:
+    """Every item of the chunk into `writer`, in item order, through the encode pool; `beat()`
+    (which raises _Interrupted) runs between micro-batches and while waiting on the pool."""
+    fmt = spec.output
+    market_names = spec.layout == "files" and spec.kind == "sample" and bool(spec.per_identity)
+    poll_seconds = min(1.0, ctx.settings.lease_seconds / 12)
+
     def checkpoint() -> bool:
-        """True (and the state in `halted`) when the chunk must stop here."""
-        nonlocal renewed
-        if should_stop():
-            halted.append("stopped")
-        elif time.monotonic() - renewed > renew_every:
-            if not renew_lease(ctx, claim):
-                halted.append("lost_lease")  # someone else owns the chunk now
-            renewed = time.monotonic()
-        return bool(halted)
+        beat()
+        return False
 
     def write_ready(drain: bool) -> None:
         with _stage("upload"):  # waiting on the encode pool, and shard assembly
@@ -477,13 +606,9 @@ def execute_chunk(
                     writer.add(done.item, done.data, done.meta, done.name, done.sha256)
                 progress(1, 0 if done.error is not None else 1)
 
-    def halt() -> ChunkOutcome:
-        encoder.cancel()
-        if halted[0] == "stopped":
-            release_chunk(ctx, claim)
-        return outcome(halted[0])
-
-    for item, image, meta in _items(ctx, spec, pipe, items, job.id):
+    items = list(range(claim.item_start, claim.item_stop))
+    since_check = 0
+    for item, image, meta in _items(ctx, spec, pipe, items, claim.job_id, beat):
         if isinstance(image, ItemError):
             encoder.put_error(item, str(image), meta)
         else:
@@ -493,17 +618,6 @@ def execute_chunk(
         if since_check >= pipe.batch_size:
             since_check = 0
             write_ready(drain=False)
-            if halted or checkpoint():
-                return halt()
+            beat()
     write_ready(drain=True)
-    if halted or checkpoint():
-        return halt()
-    with _stage("upload"):
-        writer.write(
-            {"device": str(pipe.device), "precision": pipe.precision, "batch_size": pipe.batch_size}
-        )
-    if not commit_chunk(ctx, claim, writer.done, writer.failed):
-        return outcome("lost_lease")
-    metrics.IMAGES_GENERATED.inc(writer.done)
-    metrics.CHUNK_DURATION.observe(time.perf_counter() - started)
-    return outcome("committed")
+    beat()

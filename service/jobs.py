@@ -1,5 +1,6 @@
-"""Job logic shared by the API, the workers and the embedded CLI: submit, look up, control, and
-the chunk leases that make execution safe to retry (DESIGN §3).
+"""Job logic shared by the API, the workers and the embedded CLI: models, tenants, submit, look
+up and control (DESIGN §3). Chunk leases live in `service.chunks`, the finaliser in
+`service.finalize`; both are re-exported here for callers.
 
 PostgreSQL (or SQLite in embedded mode) is the source of truth. Nothing per item is stored: a job
 is one row plus one row per chunk, and its inputs (the spec and the frozen, sorted list of source
@@ -11,19 +12,31 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Table, case, func, select, text, tuple_, update
-from sqlalchemy.orm import Session, defer, sessionmaker
+from sqlalchemy import Table, func, select, tuple_, update
+from sqlalchemy.orm import Session, defer
 
-from service import metrics, webhooks
+from service import webhooks
+
+# re-exported: callers import these from here
+from service.chunks import Claim as Claim
+from service.chunks import claim_chunk as claim_chunk
+from service.chunks import commit_chunk as commit_chunk
+from service.chunks import job_row as job_row
+from service.chunks import job_state as job_state
+from service.chunks import recount
+from service.chunks import release_chunk as release_chunk
+from service.chunks import renew_lease as renew_lease
+from service.chunks import requeue_expired as requeue_expired
+from service.context import HEAD_REVISION as HEAD_REVISION
+from service.context import Context as Context
+from service.context import open_context as open_context
 from service.db import (
     TERMINAL_JOB_STATES,
     Chunk,
@@ -32,11 +45,11 @@ from service.db import (
     JobState,
     RegisteredModel,
     Tenant,
-    make_engine,
-    session_factory,
     utcnow,
 )
-from service.errors import JobError as JobError  # re-exported: callers import it from here
+from service.errors import JobError as JobError
+from service.finalize import job_prefix as job_prefix
+from service.finalize import maybe_finalize as maybe_finalize
 from service.settings import Settings
 from service.source_checks import check_source_custom_ids, check_source_poses
 from service.specs import JobSpec, PoseGridSpec, spec_json, spec_sha256
@@ -44,14 +57,12 @@ from service.storage import (
     ImageSource,
     ListingTooLarge,
     SourceLocation,
-    Storage,
     StorageError,
     storage_from_url,
 )
 from service.tenancy import TenantScope, check_request, quota
 
 log = logging.getLogger(__name__)
-HEAD_REVISION = "0002"
 DEFAULT_TENANT = "local"
 ACTIVE_STATES = (
     JobState.QUEUED,
@@ -60,49 +71,6 @@ ACTIVE_STATES = (
     JobState.PAUSED,
     JobState.CANCELLING,
 )
-
-
-@dataclass
-class Context:
-    """What job logic needs: settings, a session factory and the output storage. `embedded` is
-    the no-server mode, where the local user may read any local folder."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    storage: Storage
-    embedded: bool = False
-
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self.sessions() as session, session.begin():
-            yield session
-
-
-def open_context(settings: Settings, *, embedded: bool = False, migrate: bool = True) -> Context:
-    """Connect to the database (bringing an embedded SQLite database to the latest schema on
-    first use) and open the output storage."""
-    engine = make_engine(settings.database_url)
-    if migrate and not _at_head(engine):
-        from service.db import upgrade_database
-
-        upgrade_database(settings.database_url)
-    return Context(
-        settings,
-        session_factory(engine),
-        storage_from_url(settings.storage_url, settings),
-        embedded,
-    )
-
-
-def _at_head(engine: Any) -> bool:
-    try:
-        with engine.connect() as conn:
-            return bool(
-                conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-                == HEAD_REVISION
-            )
-    except Exception:  # noqa: BLE001 - no table yet: not migrated
-        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,10 +331,6 @@ def list_jobs(
 # submit
 
 
-def job_prefix(job_id: str) -> str:
-    return f"jobs/{job_id}/"
-
-
 def _sources(ctx: Context, location: SourceLocation, spec: PoseGridSpec) -> list[str]:
     """The sorted source images of a pose grid; the listing stops at `max_sources`, and a
     folder with more than `max_source_images` images (or `max_listed_objects` objects) is
@@ -502,6 +466,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         chunk_size=chunk_size,
         expires_at=expires_at,
         retain_days=retain_days,
+        execution=execution_of(ctx.settings),
     )
     from service.db import new_id
 
@@ -520,6 +485,7 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
         },
         "total_items": total,
         "chunk_size": chunk_size,
+        "execution": job.execution,
         "code_version": _code_version(),
     }
     try:
@@ -546,9 +512,27 @@ def submit(ctx: Context, tenant: int, spec: JobSpec) -> JobView:
                 ],
             )
     except Exception:
-        ctx.storage.delete_prefix(prefix)
+        if not _job_exists(ctx, job.id):  # an ambiguous commit may have applied: keep its inputs
+            ctx.storage.delete_prefix(prefix)
         raise
     return _view(job, 0)
+
+
+def _job_exists(ctx: Context, job_id: str) -> bool:
+    """Whether the job row is there; when the database cannot say, assume it is (leftover
+    inputs cost a little storage, deleted inputs break a live job)."""
+    try:
+        with ctx.session() as session:
+            return session.get(Job, job_id) is not None
+    except Exception:  # noqa: BLE001 - the database is unreachable
+        return True
+
+
+def execution_of(settings: Settings) -> dict[str, Any]:
+    """How a job's items are made, fixed at submit from the operator's settings: the pixels
+    depend on the micro-batch size, the precision and the device class."""
+    device = settings.device.split(":")[0] if settings.device else None
+    return {"batch_size": settings.batch_size, "precision": settings.precision, "device": device}
 
 
 def _code_version() -> str:
@@ -631,14 +615,17 @@ def retry(ctx: Context, tenant: int, job_id: str) -> JobView:
                 Chunk.job_id == job.id,
                 (Chunk.failed_items > 0) | Chunk.state.in_((ChunkState.FAILED, ChunkState.DEAD)),
             )
-            .values(state=ChunkState.PENDING, attempts=0, last_error=None)
+            # the last committed attempt (output_tag) stays the chunk's output until a new one
+            # commits; published_at is cleared so the bounded publisher sends it, not the
+            # lost-message sweep
+            .values(state=ChunkState.PENDING, attempts=0, last_error=None, published_at=None)
         )
         if not result.rowcount:  # type: ignore[attr-defined]
             raise JobError(409, "the job has no failed items to retry")
         job.state, job.finished_at, job.error = JobState.QUEUED, None, None
     for marker in ("_SUCCESS", "_FAILED", "_CANCELLED"):
         ctx.storage.delete_prefix(job_prefix(job_id) + marker)
-    _recount(ctx, job_id)
+    recount(ctx, job_id)
     return get_job(ctx, tenant, job_id)
 
 
@@ -669,255 +656,3 @@ def outputs(
     ]
     more = len(keys) > limit
     return found, _encode_cursor(found[-1]["key"]) if more and found else None
-
-
-# ------------------------------------------------------------------------------------------------
-# leases
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A leased chunk: only the holder of `token` may commit it."""
-
-    chunk_id: int
-    job_id: str
-    index: int
-    item_start: int
-    item_stop: int
-    token: str
-    attempt: int
-    published_at: datetime | None = None
-
-
-def claim_chunk(
-    ctx: Context, owner: str, *, job_id: str | None = None, chunk_id: int | None = None
-) -> Claim | None:
-    """Lease the next pending chunk of a runnable job (oldest job first), or a given chunk."""
-    now = utcnow()
-    with ctx.session() as session:
-        query = (
-            select(Chunk)
-            .join(Job)
-            .where(
-                Chunk.state == ChunkState.PENDING,
-                Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
-            )
-            .order_by(Job.priority.desc(), Job.created_at, Chunk.index)
-            .limit(1)
-        )
-        if job_id is not None:
-            query = query.where(Chunk.job_id == job_id)
-        if chunk_id is not None:
-            query = query.where(Chunk.id == chunk_id)
-        if session.bind is not None and session.bind.dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True, of=Chunk)
-        chunk = session.scalar(query)
-        if chunk is None:
-            return None
-        chunk.state = ChunkState.RUNNING
-        chunk.attempts += 1
-        chunk.lease_owner, chunk.lease_token = owner, str(uuid.uuid4())
-        chunk.lease_expires_at = now + timedelta(seconds=ctx.settings.lease_seconds)
-        chunk.started_at = now
-        job = session.get(Job, chunk.job_id)
-        assert job is not None
-        if job.state == JobState.QUEUED:
-            job.state = JobState.RUNNING
-            job.started_at = job.started_at or now
-        return Claim(
-            chunk.id,
-            chunk.job_id,
-            chunk.index,
-            chunk.item_start,
-            chunk.item_stop,
-            chunk.lease_token,
-            chunk.attempts,
-            chunk.published_at,
-        )
-
-
-def renew_lease(ctx: Context, claim: Claim) -> bool:
-    with ctx.session() as session:
-        result = session.execute(
-            update(Chunk)
-            .where(
-                Chunk.id == claim.chunk_id,
-                Chunk.lease_token == claim.token,
-                Chunk.state == ChunkState.RUNNING,
-            )
-            .values(lease_expires_at=utcnow() + timedelta(seconds=ctx.settings.lease_seconds))
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def commit_chunk(ctx: Context, claim: Claim, done: int, failed: int) -> bool:
-    """Mark the chunk done, only while this claim still holds its lease (so a chunk finished
-    twice commits once). Returns whether the commit happened."""
-    with ctx.session() as session:
-        result = session.execute(
-            update(Chunk)
-            .where(
-                Chunk.id == claim.chunk_id,
-                Chunk.lease_token == claim.token,
-                Chunk.state == ChunkState.RUNNING,
-            )
-            .values(
-                state=ChunkState.DONE,
-                done_items=done,
-                failed_items=failed,
-                finished_at=utcnow(),
-                lease_token=None,
-                lease_expires_at=None,
-                last_error=None,
-            )
-        )
-        committed = bool(result.rowcount)  # type: ignore[attr-defined]
-    if committed:
-        _recount(ctx, claim.job_id)
-    return committed
-
-
-def release_chunk(ctx: Context, claim: Claim, error: str | None = None) -> None:
-    """Give the lease back without committing: after an error (pending again, or dead after
-    max_attempts) or, with no error, because the job was paused or cancelled."""
-    with ctx.session() as session:
-        chunk = session.get(Chunk, claim.chunk_id, with_for_update=True)
-        if chunk is None or chunk.lease_token != claim.token:
-            return
-        job = session.get(Job, claim.job_id)
-        assert job is not None
-        chunk.lease_token = chunk.lease_owner = chunk.lease_expires_at = None
-        chunk.published_at = None  # the dispatcher publishes it again
-        if error is None:
-            chunk.attempts = max(0, chunk.attempts - 1)  # an interruption is not a failed attempt
-            chunk.state = (
-                ChunkState.DEAD if job.state == JobState.CANCELLING else ChunkState.PENDING
-            )
-        else:
-            chunk.last_error = error[-2000:]
-            dead = chunk.attempts >= ctx.settings.max_attempts
-            chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
-    _recount(ctx, claim.job_id)
-
-
-def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
-    """Running chunks whose lease has expired (their worker died) go back to pending, or dead
-    after max_attempts; returns how many were found."""
-    now = utcnow()
-    with ctx.session() as session:
-        query = select(Chunk).where(Chunk.state == ChunkState.RUNNING, Chunk.lease_expires_at < now)
-        if job_id is not None:
-            query = query.where(Chunk.job_id == job_id)
-        expired = session.scalars(query.with_for_update()).all()
-        for chunk in expired:
-            dead = chunk.attempts >= ctx.settings.max_attempts
-            chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
-            chunk.published_at = None
-            log.warning("lease of %s on chunk %s expired", chunk.lease_owner, chunk.id)
-            chunk.last_error = "worker lost (its lease expired)"
-            chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
-            metrics.CHUNK_ATTEMPTS.labels("dead" if dead else "expired").inc()
-        jobs = {c.job_id for c in expired}
-    for job in jobs:
-        _recount(ctx, job)
-    return len(expired)
-
-
-def job_state(ctx: Context, job_id: str) -> str:
-    with ctx.session() as session:
-        return str(session.scalar(select(Job.state).where(Job.id == job_id)))
-
-
-def job_row(ctx: Context, job_id: str) -> Job:
-    with ctx.session() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            raise JobError(404, f"job {job_id} not found")
-        return job
-
-
-def _recount(ctx: Context, job_id: str) -> None:
-    with ctx.session() as session:
-        done, failed, dead_items = session.execute(
-            select(
-                func.coalesce(func.sum(Chunk.done_items), 0),
-                func.coalesce(func.sum(Chunk.failed_items), 0),
-                func.coalesce(
-                    func.sum(
-                        case(
-                            (  # dead of errors; a chunk stopped by a cancel failed nothing
-                                (Chunk.state == ChunkState.DEAD) & Chunk.last_error.is_not(None),
-                                Chunk.item_stop - Chunk.item_start,
-                            ),
-                            else_=0,
-                        )
-                    ),
-                    0,
-                ),
-            ).where(Chunk.job_id == job_id)
-        ).one()
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(done_items=int(done), failed_items=int(failed) + int(dead_items))
-        )
-
-
-def maybe_finalize(ctx: Context, job_id: str) -> bool:
-    """Finalise a job whose chunks are all terminal: write the manifest and the marker, set the
-    final state. Returns whether this call finalised it."""
-    from service.retention import EXPIRED_ERROR
-    from service.shards import finalize_outputs
-
-    with ctx.session() as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.state in TERMINAL_JOB_STATES or job.state == JobState.PAUSED:
-            return False
-        cancelled = job.state == JobState.CANCELLING
-        # a cancelled job's pending chunks never run; it waits only for the running ones
-        blocking = (ChunkState.RUNNING,) if cancelled else (ChunkState.PENDING, ChunkState.RUNNING)
-        open_chunks = session.scalar(
-            select(func.count())
-            .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.state.in_(blocking))
-        )
-        if open_chunks:
-            return False
-        if not cancelled:
-            job.state = JobState.FINALIZING
-        expiring = cancelled and job.error == EXPIRED_ERROR
-        chunks = session.scalars(
-            select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.index)
-        ).all()
-        done_chunks = [c.index for c in chunks if c.state == ChunkState.DONE]
-        dead = [(c.index, c.last_error) for c in chunks if c.state == ChunkState.DEAD]
-        unmade = (  # stopped before they ran: their items expired
-            [
-                (c.item_start, c.item_stop)
-                for c in chunks
-                if c.state == ChunkState.PENDING
-                or (c.state == ChunkState.DEAD and not c.last_error)
-            ]
-            if expiring
-            else None
-        )
-    summary = finalize_outputs(
-        ctx.storage,
-        job_prefix(job_id),
-        done_chunks,
-        dead,
-        cancelled=cancelled,
-        expired=unmade,
-    )
-    with ctx.session() as session:
-        job = session.get(Job, job_id, with_for_update=True)
-        assert job is not None
-        if cancelled:
-            job.state = JobState.EXPIRED if expiring else JobState.CANCELLED
-        elif summary["done"] == 0 and job.total_items:
-            job.state, job.error = JobState.FAILED, "every item failed (see errors.jsonl)"
-        else:
-            job.state = JobState.COMPLETED
-        job.finished_at = utcnow()
-        webhooks.enqueue(session, job)
-    return True

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     )
 
     chunk_size: int = Field(default=1024, ge=1)
+    # fixed on each job at submit (its `execution`, also in job.json): every worker runs the
+    # job's chunks with this micro-batch size and precision, and refuses them on another device
+    # class (None: any), so an item's bytes do not depend on which worker made it
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str | None = None
     max_attempts: int = Field(default=5, ge=1)
     lease_seconds: int = Field(default=300, ge=1)
     # threads that encode and hash images beside the model; None: the container's CPU quota;

@@ -1,10 +1,14 @@
 """Job outputs (DESIGN §4): one shard per chunk, then a manifest written by the finaliser.
 
-A shard is `shards/NNNNNN.tar` (WebDataset: `<key>.<png|webp|jpg>` + `<key>.json` per item),
-`shards/NNNNNN.parquet` (one row per item, failed ones included) and `shards/NNNNNN.done.json`
-(the commit marker: counts and the SHA-256 of the other two). With `layout=files` each image is
-its own object under `images/` instead of the tar. Everything is byte-for-byte reproducible: tar
-headers carry fixed times and owners, PNGs no timestamps, and the rows come in item order.
+A shard is `shards/NNNNNN-<tag>.tar` (WebDataset: `<key>.<png|webp|jpg>` + `<key>.json` per
+item), `shards/NNNNNN-<tag>.parquet` (one row per item, failed ones included) and
+`shards/NNNNNN-<tag>.done.json` (the commit marker: counts and the SHA-256 of the other two).
+`<tag>` names the attempt that wrote it; the chunk's commit records which attempt is canonical,
+so objects of a committed attempt are never written again (a stale attempt writes its own keys).
+With `layout=files` each image is its own object under `images/` instead of the tar (untagged:
+those names are the user's; a stale attempt there rewrites the same item's image). Everything
+is byte-for-byte reproducible: tar headers carry fixed times and owners, PNGs no timestamps, and
+the rows come in item order.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,8 +47,27 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-def shard_name(index: int) -> str:
-    return f"shards/{index:06d}"
+def shard_name(index: int, tag: str = "") -> str:
+    """`shards/NNNNNN-<tag>`; an empty tag is the untagged name of shards from before tags."""
+    return f"shards/{index:06d}-{tag}" if tag else f"shards/{index:06d}"
+
+
+SHARD_KEY = re.compile(
+    r"shards/(?P<index>\d{6})(?:-(?P<tag>[0-9a-f]+))?\.(?:tar|parquet|done\.json)"
+)
+
+
+def parse_shard_key(key: str) -> tuple[int, str] | None:
+    """(chunk index, attempt tag) of a shard object key relative to the job's folder."""
+    found = SHARD_KEY.fullmatch(key)
+    return (int(found["index"]), found["tag"] or "") if found else None
+
+
+def sha256_of(handle: Any, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    while piece := handle.read(block):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 def item_key(item: int) -> str:
@@ -52,7 +77,8 @@ def item_key(item: int) -> str:
 
 @dataclass
 class ShardWriter:
-    """Collects one chunk's items, then writes its objects under `prefix` (the job's folder)."""
+    """Collects one chunk's items, then writes its objects under `prefix` (the job's folder), with
+    `tag` (the attempt) in their keys. The tar grows in a temporary file, not in memory."""
 
     storage: Storage
     prefix: str
@@ -60,12 +86,17 @@ class ShardWriter:
     layout: str = "webdataset"
     extension: str = "png"  # the job's output format: png, webp or jpg
     content_type: str = "image/png"
+    tag: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
-    _tar: io.BytesIO = field(default_factory=io.BytesIO)
     _files: list[tuple[str, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._tar = tempfile.NamedTemporaryFile(prefix="dpig-shard-", suffix=".tar")
         self._archive = tarfile.open(fileobj=self._tar, mode="w", format=tarfile.USTAR_FORMAT)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index, self.tag)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -89,6 +120,8 @@ class ShardWriter:
             obj = f"images/{name or f'{key}.{self.extension}'}"
             self._files.append((obj, image))
         else:
+            # the attempt-free name: the shard's bytes are the same whichever attempt made
+            # them; the finaliser writes the committed attempt's key into the manifest
             obj = f"{shard_name(self.index)}.tar#{key}.{self.extension}"
             self._add(f"{key}.{self.extension}", image)
             self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
@@ -131,11 +164,13 @@ class ShardWriter:
     def failed(self) -> int:
         return len(self.rows) - self.done
 
+    def close(self) -> None:
+        self._tar.close()
+
     def write(self, made_with: dict[str, Any] | None = None) -> dict[str, Any]:
         """Upload the shard, then its commit marker (last, so a marker means a whole shard).
         `made_with` (device, precision, micro-batch size) goes into the marker: the pixels are
         reproducible for the same three."""
-        name = shard_name(self.index)
         marker: dict[str, Any] = {
             "made_with": made_with or {},
             "chunk": self.index,
@@ -143,87 +178,25 @@ class ShardWriter:
             "done": self.done,
             "failed": self.failed,
         }
-        if self.layout == "files":
-            for obj, data in self._files:
-                self.storage.put_bytes(self.prefix + obj, data, self.content_type)
-        else:
-            self._archive.close()
-            tar = self._tar.getvalue()
-            self.storage.put_bytes(f"{self.prefix}{name}.tar", tar, "application/x-tar")
-            marker["tar_sha256"] = hashlib.sha256(tar).hexdigest()
+        try:
+            if self.layout == "files":
+                for obj, data in self._files:
+                    self.storage.put_bytes(self.prefix + obj, data, self.content_type)
+            else:
+                self._archive.close()
+                self._tar.flush()
+                self._tar.seek(0)
+                marker["tar_sha256"] = sha256_of(self._tar)
+                self.storage.put_file(f"{self.prefix}{self.name}.tar", self._tar.name)
+        finally:
+            self.close()
         table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
         sink = io.BytesIO()
         pq.write_table(table, sink)
         parquet = sink.getvalue()
-        self.storage.put_bytes(f"{self.prefix}{name}.parquet", parquet)
+        self.storage.put_bytes(f"{self.prefix}{self.name}.parquet", parquet)
         marker["parquet_sha256"] = hashlib.sha256(parquet).hexdigest()
         self.storage.put_bytes(
-            f"{self.prefix}{name}.done.json", json.dumps(marker, sort_keys=True).encode()
+            f"{self.prefix}{self.name}.done.json", json.dumps(marker, sort_keys=True).encode()
         )
         return marker
-
-
-def finalize_outputs(
-    storage: Storage,
-    prefix: str,
-    done_chunks: list[int],
-    dead_chunks: list[tuple[int, str | None]],
-    *,
-    cancelled: bool,
-    expired: list[tuple[int, int]] | None = None,
-) -> dict[str, int]:
-    """manifest.parquet and manifest.jsonl (every item of every committed shard, in item order),
-    errors.jsonl (failed items and dead chunks), and one of _SUCCESS / _CANCELLED / _FAILED.
-    An expired job (`expired`: the item ranges never made) gets a row with status `expired` for
-    each of those items, and _EXPIRED."""
-    tables = []
-    for index in sorted(done_chunks):
-        data = storage.get_bytes(f"{prefix}{shard_name(index)}.parquet")
-        tables.append(pq.read_table(io.BytesIO(data)))
-    # shards written before a column was added get it as nulls
-    table = (
-        pa.concat_tables(tables, promote_options="default")
-        if tables
-        else MANIFEST_SCHEMA.empty_table()
-    )
-    if expired:
-        unmade = [
-            ShardWriter._row(item, "expired", None, {})
-            for start, stop in expired
-            for item in range(start, stop)
-        ]
-        table = pa.concat_tables(
-            [table, pa.Table.from_pylist(unmade, schema=table.schema)]
-        ).sort_by("item")
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.put_bytes(prefix + "manifest.parquet", sink.getvalue())
-    rows = table.to_pylist()
-    storage.put_bytes(
-        prefix + "manifest.jsonl",
-        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
-    )
-    errors = [
-        json.dumps(
-            {"key": r["key"], "item": r["item"], "custom_id": r["custom_id"], "error": r["error"]}
-        )
-        + "\n"
-        for r in rows
-        if r["status"] == "error"
-    ]
-    errors += [
-        json.dumps({"chunk": i, "error": e or "unknown"}) + "\n"
-        for i, e in dead_chunks
-        if not cancelled or e
-    ]
-    storage.put_bytes(prefix + "errors.jsonl", "".join(errors).encode())
-    done = sum(r["status"] == "ok" for r in rows)
-    failed = sum(r["status"] == "error" for r in rows)
-    summary = {"items": len(rows), "done": done, "failed": failed}
-    if expired is not None:
-        summary["expired"] = len(rows) - done - failed
-        marker = "_EXPIRED"
-    else:
-        marker = "_CANCELLED" if cancelled else ("_SUCCESS" if done else "_FAILED")
-    storage.put_bytes(prefix + marker, json.dumps(summary).encode())
-    return summary

@@ -227,6 +227,12 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(
         default=utcnow, onupdate=utcnow, server_default=func.now()
     )
+    # micro-batch size, precision and device class the job's items are made with (see
+    # `service.jobs.execution_of`); None for jobs submitted before it was recorded
+    execution: Mapped[dict[str, Any] | None]
+    # the finaliser's lease: one finalisation at a time, taken over only once it expires
+    finalize_token: Mapped[str | None] = mapped_column(String(36))
+    finalize_expires_at: Mapped[datetime | None]
 
     tenant: Mapped[Tenant] = relationship()
     chunks: Mapped[list[Chunk]] = relationship(
@@ -314,5 +320,10 @@ class Chunk(Base):
     failed_items: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # the committed attempt: its shard objects are `shards/NNNNNN-<output_tag>.*`; kept (with
+    # done/failed_items) until another attempt commits
+    output_tag: Mapped[str | None] = mapped_column(String(32))
+    # every claim ever made (never reset, unlike `attempts`): claim n writes `shards/NNNNNN-n.*`
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
     job: Mapped[Job] = relationship(back_populates="chunks")

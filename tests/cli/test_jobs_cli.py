@@ -94,7 +94,7 @@ def spec_of(job: dict[str, Any]) -> Any:
     return ok("status", job["id"], "--full")["spec"]
 
 
-def test_submit_json_leaves_the_spec_out() -> None:
+def test_submit_json_leaves_the_spec_out(home: Path) -> None:
     job = ok("submit", "sample", "--count", 2, "--detach")
     assert job["spec"] is None
     assert spec_of(job)["count"] == 2
@@ -176,7 +176,7 @@ def test_same_spec_and_seed_give_byte_identical_shards(
     assert first["id"] != second["id"]
     a, b = shard_bytes(job_dir(home, first)), shard_bytes(job_dir(home, second))
     assert sorted(a) == [
-        f"00000{i}.{ext}" for i in (0, 1) for ext in ("done.json", "parquet", "tar")
+        f"00000{i}-1.{ext}" for i in (0, 1) for ext in ("done.json", "parquet", "tar")
     ]
     assert a == b
     assert (job_dir(home, first) / "manifest.parquet").read_bytes() == (
@@ -350,7 +350,8 @@ def test_retry_reruns_failed_chunks_only(home: Path, people: Path, tmp_path: Pat
     for name in before:  # the chunks without failures were not re-run
         if not name.startswith("000002"):
             assert after[name] == before[name], name
-    assert after["000002.tar"] != before["000002.tar"]
+    assert after["000002-2.tar"] != before["000002-1.tar"]  # the rerun's own keys
+    assert "000002-1.tar" not in after  # the replaced attempt was swept
     assert (folder_out / "errors.jsonl").read_text() == ""
 
     again = dpig("retry", job["id"])
@@ -625,8 +626,8 @@ def test_api_mode_submit_watch_download(api: dict[str, Any], tmp_path: Path) -> 
     result = ok("download", job["id"], tmp_path / "copy")
     source = api["outputs"] / job["id"]
     assert result["files"] == sum(1 for p in source.rglob("*") if p.is_file())
-    assert (tmp_path / "copy" / "shards" / "000001.tar").read_bytes() == (
-        source / "shards" / "000001.tar"
+    assert (tmp_path / "copy" / "shards" / "000001-1.tar").read_bytes() == (
+        source / "shards" / "000001-1.tar"
     ).read_bytes()
 
 

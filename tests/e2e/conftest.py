@@ -253,11 +253,12 @@ class E2E:
         return rows
 
     def shard_images(self, job_id: str) -> dict[str, str]:
-        """key → sha256 of every PNG in the job's tar shards; a key twice is an error."""
+        """key → sha256 of every PNG in the job's committed tar shards (those the manifest
+        names; a stale attempt's late upload may sit beside them under its own key); a key
+        twice is an error."""
         found: dict[str, str] = {}
-        for key in self.keys(job_id):
-            if not (key.startswith("shards/") and key.endswith(".tar")):
-                continue
+        tars = {str(r["object"]).split("#")[0] for r in self.manifest(job_id) if r["object"]}
+        for key in sorted(tars):
             with tarfile.open(fileobj=io.BytesIO(self.get(job_id, key))) as tar:
                 for member in tar.getmembers():
                     if not member.name.endswith(".png"):

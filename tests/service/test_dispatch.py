@@ -161,7 +161,9 @@ def _claim(ctx: Context, chunk_id: int) -> Claim:
 
 def _finish(ctx: Context, claim: Claim) -> None:
     """What a worker does for a chunk: write its shard (placeholder bytes), then commit."""
-    writer = ShardWriter(ctx.storage, job_prefix(claim.job_id), claim.index, "webdataset")
+    writer = ShardWriter(
+        ctx.storage, job_prefix(claim.job_id), claim.index, "webdataset", claim.tag
+    )
     for item in range(claim.item_start, claim.item_stop):
         writer.add(item, b"not-really-a-png", {"item": item, "seed": 0})
     writer.write()

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select, update
 
 from service.db import Chunk, Job, utcnow
-from service.dispatch import DispatchConfig, tick
+from service.dispatch import DispatchConfig, finalize_ready, tick
 from service.jobs import (
     Context,
     cancel,
@@ -160,7 +160,7 @@ def test_a_failed_finalisation_is_retried(ctx: Context, monkeypatch: pytest.Monk
     (chunk_id,) = _chunk_ids(ctx, job)
     claim = claim_chunk(ctx, "w", chunk_id=chunk_id)
     assert claim is not None
-    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index)
+    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index, tag=claim.tag)
     writer.add(0, b"png", {"item": 0, "seed": 0})
     writer.write()
     assert commit_chunk(ctx, claim, writer.done, writer.failed)
@@ -179,3 +179,19 @@ def test_a_failed_finalisation_is_retried(ctx: Context, monkeypatch: pytest.Monk
     assert tick(ctx, Recorder(), _config()).finalized == 1
     assert _state(ctx, job) == "completed"
     assert ctx.storage.exists(job_prefix(job) + "_SUCCESS")
+
+
+def test_a_tick_without_finalisation_leaves_it_to_the_finaliser(ctx: Context) -> None:
+    """`dpig dispatcher` finalises beside its ticks, so a long finalisation never stops
+    publishing or lease sweeping: its ticks do not finalise."""
+    job = _submit(ctx, 1)
+    (chunk_id,) = _chunk_ids(ctx, job)
+    claim = claim_chunk(ctx, "w", chunk_id=chunk_id)
+    assert claim is not None
+    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index, tag=claim.tag)
+    writer.add(0, b"png", {"item": 0, "seed": 0})
+    writer.write()
+    assert commit_chunk(ctx, claim, writer.done, writer.failed)
+    assert tick(ctx, Recorder(), _config(finalize_in_tick=False)).finalized == 0
+    assert _state(ctx, job) == "running"
+    assert finalize_ready(ctx) == 1 and _state(ctx, job) == "completed"

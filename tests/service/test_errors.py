@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.errors import JobError, tenant_reason
 from service.executor import ItemError
+from service.storage import NotFound
 
 
 def _client_error(code: str) -> ClientError:
@@ -24,6 +25,11 @@ def _client_error(code: str) -> ClientError:
         (ItemError("s3://acme/a.png: no person found"), "s3://acme/a.png: no person found"),
         (JobError(422, "count must be positive"), "count must be positive"),
         (_client_error("NoSuchKey"), "object not found"),
+        (NotFound("s3://internal-prod/jobs/x.png"), "object not found"),
+        (
+            ValueError("s3://acme/x.png: not under an allowed prefix"),
+            "s3://acme/x.png: not under an allowed prefix",
+        ),
         (_client_error("AccessDenied"), "access denied by the storage"),
         (_client_error("SlowDown"), "storage error (SlowDown)"),
         (EndpointConnectionError(endpoint_url="http://10.1.2.3:8333/x"), "storage unavailable"),

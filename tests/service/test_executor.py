@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ def pipes() -> PipelineCache:
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> Context:
-    return open_context(Settings.from_values(home=tmp_path / "home", max_attempts=2), embedded=True)
+    # jobs run with the micro-batch size fixed at submit: the same as the pipes fixture's
+    settings = Settings.from_values(home=tmp_path / "home", max_attempts=2, batch_size=8)
+    return open_context(settings, embedded=True)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +95,12 @@ def _out(ctx: Context, job_id: str) -> Path:
 
 
 def _shard_bytes(ctx: Context, job_id: str) -> dict[str, str]:
+    """Shard file → sha256, by chunk (the attempt's tag left out of the name)."""
     shards = _out(ctx, job_id) / "shards"
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards.iterdir())}
+    return {
+        re.sub(r"-[0-9a-f]+\.", ".", p.name): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(shards.iterdir())
+    }
 
 
 def test_pose_grid_yields_every_source_in_every_pose(
@@ -124,8 +131,9 @@ def test_pose_grid_yields_every_source_in_every_pose(
     assert first.size == (32, 64)
     assert json.loads(samples[0]["json"])["pose"] == "pose0"
     assert (out / "_SUCCESS").is_file() and (out / "errors.jsonl").read_text() == ""
-    done = json.loads((out / "shards" / "000000.done.json").read_text())
-    tar = (out / "shards" / "000000.tar").read_bytes()
+    (marker,) = (out / "shards").glob("000000-*.done.json")
+    done = json.loads(marker.read_text())
+    tar = marker.with_name(marker.name.replace(".done.json", ".tar")).read_bytes()
     assert done["tar_sha256"] == hashlib.sha256(tar).hexdigest() and done["items"] == 4
 
 
@@ -144,10 +152,114 @@ def test_rerunning_a_chunk_gives_byte_identical_output(
             .values(state=ChunkState.PENDING)
         )
         session.execute(update(Job).where(Job.id == job.id).values(state="queued"))
-    for name in ("shards/000001.tar", "shards/000001.parquet"):
-        (_out(ctx, job.id) / name).unlink()
+    for path in (_out(ctx, job.id) / "shards").glob("000001-*"):
+        path.unlink()
     run_job(ctx, job.id, pipes)
     assert _shard_bytes(ctx, job.id) == before
+
+
+def test_a_chunk_rerun_on_a_worker_configured_otherwise_gives_identical_bytes(
+    tmp_path: Path,
+) -> None:
+    """The job fixes its micro-batch size at submit (batch 5 here); a worker whose own setting
+    is 16 runs it with 5 too, so the rerun is byte-identical."""
+    settings = Settings.from_values(home=tmp_path / "home", batch_size=5)
+    ctx = open_context(settings, embedded=True)
+    job = submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 16, "seed": 3}))
+    assert json.loads(ctx.storage.get_bytes(f"jobs/{job.id}/job.json"))["execution"] == {
+        "batch_size": 5,
+        "precision": "fp32",
+        "device": None,
+    }
+    run_job(ctx, job.id, PipelineCache(batch_size=5))
+    before = pq.read_table(_out(ctx, job.id) / "manifest.parquet").column("sha256").to_pylist()
+    with ctx.session() as session:
+        session.execute(update(Chunk).where(Chunk.job_id == job.id).values(state="pending"))
+        session.execute(update(Job).where(Job.id == job.id).values(state="queued"))
+    run_job(ctx, job.id, PipelineCache(batch_size=16))
+    after = pq.read_table(_out(ctx, job.id) / "manifest.parquet").column("sha256").to_pylist()
+    assert len(before) == 16 and after == before
+
+
+def test_a_job_fixed_to_another_device_class_is_refused(tmp_path: Path) -> None:
+    settings = Settings.from_values(home=tmp_path / "home", device="cuda:0", max_attempts=1)
+    ctx = open_context(settings, embedded=True)
+    job = submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 2}))
+    assert run_job(ctx, job.id, PipelineCache(device="cpu")) == "failed"
+    with ctx.session() as session:
+        chunk = session.query(Chunk).filter_by(job_id=job.id).one()
+        assert "the job runs on cuda workers; this one runs on cpu" in (chunk.last_error or "")
+
+
+def test_loading_sources_checks_for_stop_and_renews_the_lease(
+    ctx: Context,
+    pipes: PipelineCache,
+    people: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pose-grid chunk reads its sources in groups (in parallel) and beats between groups: a
+    stop asked for while loading stops the chunk before its first item, and a long load renews
+    the lease."""
+    from service import executor
+    from service.jobs import claim_chunk
+
+    folder, keypoints = people
+    monkeypatch.setattr(executor, "LOAD_GROUP", 2, raising=False)
+    reads: list[str] = []
+    real_read = executor.read_uri
+
+    def counted(ctx: Context, uri: str, **kw: Any) -> bytes:
+        reads.append(uri)
+        return real_read(ctx, uri, **kw)
+
+    monkeypatch.setattr(executor, "read_uri", counted)
+    job = submit(ctx, tenant_id(ctx), _grid_spec(folder, keypoints, poses=2, chunk_size=12))
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    made: list[int] = []
+    outcome = executor.execute_chunk(
+        ctx, claim, pipes, should_stop=lambda: bool(reads), progress=made.append
+    )
+    assert (outcome.state, made, len(reads)) == ("stopped", [], 2)
+
+    renewed: list[int] = []
+    monkeypatch.setattr(executor, "renew_lease", lambda c, cl: renewed.append(1) or True)
+    monkeypatch.setattr(ctx.settings, "lease_seconds", 0)  # every beat renews
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    reads.clear()
+    assert executor.execute_chunk(ctx, claim, pipes).state == "committed"
+    assert len(reads) == 6 and len(renewed) >= 3  # one per group of 2 sources, at least
+
+
+@pytest.mark.parametrize("error", ["storage", "soft_time_limit"])
+def test_a_transient_read_error_fails_the_attempt_not_the_items(
+    ctx: Context,
+    pipes: PipelineCache,
+    people: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    error: str,
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from service import executor
+    from service.jobs import claim_chunk
+    from service.storage import StorageError
+
+    folder, keypoints = people
+    raised = StorageError("S3 unavailable") if error == "storage" else SoftTimeLimitExceeded()
+
+    def down(ctx: Context, uri: str, **kw: Any) -> bytes:
+        raise raised
+
+    monkeypatch.setattr(executor, "read_uri", down)
+    job = submit(ctx, tenant_id(ctx), _grid_spec(folder, keypoints, poses=2, chunk_size=12))
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    with pytest.raises(type(raised)):
+        executor.execute_chunk(ctx, claim, pipes)
+    with ctx.session() as session:
+        assert session.query(Chunk).filter_by(job_id=job.id).one().state == "running"
 
 
 def test_an_item_has_the_same_pixels_whatever_the_chunking(
@@ -240,7 +352,7 @@ def test_cancel_keeps_finished_shards_in_a_valid_manifest(
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
     assert [r["item"] for r in rows] == list(range(16))
     assert (out / "_CANCELLED").is_file() and not (out / "_SUCCESS").exists()
-    assert sorted(p.name for p in (out / "shards").glob("*.tar")) == ["000000.tar"]
+    assert [p.name[:7] for p in (out / "shards").glob("*.tar")] == ["000000-"]
 
 
 def test_a_chunk_that_always_fails_is_dead_lettered(

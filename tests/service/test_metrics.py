@@ -250,6 +250,7 @@ class Stack:
             database_url=self.database_url,
             home=self.root / "home",
             storage_url=self.storage_url,
+            batch_size=4,  # fixed on each job at submit: the worker runs micro-batches of 4
         )
         return open_context(settings, embedded=False, migrate=False)
 
