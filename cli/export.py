@@ -48,7 +48,7 @@ def _tar_items(path: Path) -> Iterator[tuple[bytes, dict[str, Any]]]:
             if handle is None:
                 continue
             data = handle.read()
-            if member.name.endswith(".png"):
+            if member.name.endswith((".png", ".webp", ".jpg")):  # the job's output format
                 png = data
             elif member.name.endswith(".json") and png is not None:
                 yield png, json.loads(data)

@@ -10,6 +10,7 @@ objects become the chunk's output, so a stale worker's late upload never changes
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,6 +22,8 @@ from service import metrics
 from service.context import Context, db_now
 from service.db import Chunk, ChunkState, Job, JobState
 from service.errors import JobError
+
+log = logging.getLogger(__name__)
 
 RUNNABLE = (JobState.QUEUED, JobState.RUNNING)
 
@@ -174,7 +177,8 @@ def requeue_expired(ctx: Context, job_id: str | None = None) -> int:
             dead = chunk.attempts >= ctx.settings.max_attempts
             chunk.state = ChunkState.DEAD if dead else ChunkState.PENDING
             chunk.published_at = None
-            chunk.last_error = f"lease of {chunk.lease_owner} expired (worker lost)"
+            log.warning("lease of %s on chunk %s expired", chunk.lease_owner, chunk.id)
+            chunk.last_error = "worker lost (its lease expired)"
             chunk.lease_owner = chunk.lease_token = chunk.lease_expires_at = None
             metrics.CHUNK_ATTEMPTS.labels("dead" if dead else "expired").inc()
         jobs = {c.job_id for c in expired}

@@ -20,11 +20,15 @@ def tenant_reason(exc: BaseException) -> str:
 
     Errors the service raises on purpose carry tenant-safe messages and pass through; storage,
     database and runtime errors are named by kind."""
-    from service.executor import ItemError, SourceTooLarge  # the executor imports this module
+    from service.executor import (  # the executor imports this module
+        ItemError,
+        SourceTooLarge,
+        WrongWorker,
+    )
 
     # ValueErrors are what reading and checking an input raise on purpose (a URI outside the
     # allowed prefixes, a size over a limit): about the tenant's own input
-    if isinstance(exc, (ItemError, JobError, SourceTooLarge, ValueError)):
+    if isinstance(exc, (ItemError, JobError, SourceTooLarge, WrongWorker, ValueError)):
         return str(exc)
     name = type(exc).__name__
     if name == "NotFound":  # service.storage's own

@@ -537,9 +537,9 @@ def execute_chunk(
         job_prefix(job.id),
         claim.index,
         spec.layout,
-        fmt.extension,
-        fmt.content_type,
         claim.tag,
+        extension=fmt.extension,
+        content_type=fmt.content_type,
     )
     encoder = OrderedEncoder(
         shared_pool(ctx.settings.encode_workers), fmt, max_pending=2 * pipe.batch_size

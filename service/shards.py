@@ -84,9 +84,9 @@ class ShardWriter:
     prefix: str
     index: int
     layout: str = "webdataset"
+    tag: str = ""
     extension: str = "png"  # the job's output format: png, webp or jpg
     content_type: str = "image/png"
-    tag: str = ""
     rows: list[dict[str, Any]] = field(default_factory=list)
     _files: list[tuple[str, bytes]] = field(default_factory=list)
 

@@ -818,7 +818,9 @@ def test_custom_ids_round_trip_and_duplicates_are_refused(
     out = job_dir(home, job)
     manifest = pq.read_table(out / "manifest.parquet").to_pylist()
     assert [r["custom_id"] for r in manifest] == ["req-0", None, "req_2"]
-    samples = list(wds.WebDataset(str(out / "shards" / "000000.tar"), shardshuffle=False))
+    samples = list(
+        wds.WebDataset(str(next((out / "shards").glob("000000-*.tar"))), shardshuffle=False)
+    )
     assert [json.loads(s["json"])["custom_id"] for s in samples] == ["req-0", None]
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["item"], e["custom_id"]) for e in errors] == [(2, "req_2")]

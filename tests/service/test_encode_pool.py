@@ -115,7 +115,7 @@ def test_the_overlapped_executor_writes_the_serial_paths_bytes(
         shards.append(_outputs(ctx, job.id))
     assert len(shards[0]) >= 4 and shards[0] == shards[1]
     extension = OutputFormat(**FORMATS[fmt]).extension
-    with tarfile.open(fileobj=io.BytesIO(shards[1]["000000.tar"])) as tar:
+    with tarfile.open(fileobj=io.BytesIO(shards[1]["000000-1.tar"])) as tar:
         names = tar.getnames()
         assert names[0].endswith(f".{extension}") and names[1].endswith(".json")
         data = tar.extractfile(names[0]).read()  # type: ignore[union-attr]
