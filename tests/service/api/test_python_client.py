@@ -92,7 +92,7 @@ def test_client_drives_a_job_end_to_end(
 
         outputs = dpig.outputs(job.id)
         keys = [o.key for o in outputs]
-        assert "manifest.parquet" in keys and "shards/000002.tar" in keys
+        assert "manifest.parquet" in keys and "shards/000002-1.tar" in keys
         copied = dpig.download(job.id, tmp_path / "copy")
         files = sorted(p for p in (tmp_path / "copy").rglob("*") if p.is_file())
         assert len(files) == len(outputs) and copied == sum(p.stat().st_size for p in files)
