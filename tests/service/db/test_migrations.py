@@ -15,6 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from pydantic import SecretStr
 from sqlalchemy import create_engine, inspect, make_url
 
 from service.db import Base, alembic_config, upgrade_database
@@ -102,7 +103,7 @@ def test_url_comes_from_settings_when_not_given(
 ) -> None:
     import service.settings
 
-    fake = SimpleNamespace(database_url=sqlite_url)
+    fake = SimpleNamespace(database_url=SecretStr(sqlite_url))  # as Settings holds it
     monkeypatch.setattr(service.settings, "get_settings", lambda: fake)
     upgrade_database(sqlite_url)  # creates the folder; then drop everything and go again
     command.downgrade(alembic_config(sqlite_url), "base")
