@@ -922,10 +922,16 @@ def list_command(
     _wide_console().print(table)
 
 
+_NO_FOLLOW = typer.Option(
+    False, "--detach", help="Return at once instead of following the job (or running it here)."
+)
+
+
 def _control(verb: str, job_id: str, *, run: bool, detach: bool, as_json: bool) -> None:
     with _client() as client:
         job = getattr(client, verb)(job_id)
-        followed = run and not detach and client.mode == "embedded"
+        # followed like an attached submit: run here (embedded) or polled until it settles (API)
+        followed = run and not detach
         if followed:
             try:
                 job = _follow(client, job, quiet=as_json)
@@ -951,19 +957,21 @@ def pause(job_id: str = typer.Argument(..., metavar="JOB"), as_json: bool = _JSO
 
 def resume(
     job_id: str = typer.Argument(..., metavar="JOB"),
-    detach: bool = typer.Option(False, "--detach", help="Embedded mode: do not run it here."),
+    detach: bool = _NO_FOLLOW,
     as_json: bool = _JSON,
 ) -> None:
-    """Resume a paused job (embedded mode: and run it here, unless --detach)."""
+    """Resume a paused job and follow it until it settles (embedded mode: run it here), unless
+    --detach; the exit code is the outcome's (docs/jobs.md, "Exit codes")."""
     _control("resume", job_id, run=True, detach=detach, as_json=as_json)
 
 
 def retry(
     job_id: str = typer.Argument(..., metavar="JOB"),
-    detach: bool = typer.Option(False, "--detach", help="Embedded mode: do not run it here."),
+    detach: bool = _NO_FOLLOW,
     as_json: bool = _JSON,
 ) -> None:
-    """Run again the chunks that hold failed items (embedded mode: here, unless --detach).
+    """Run again the chunks that hold failed items, and follow the job until it settles
+    (embedded mode: run them here), unless --detach.
 
     Items that succeeded before come out byte-identical.
     """

@@ -605,6 +605,7 @@ def api(
         yield {
             "outputs": server_home / "outputs" / "jobs",
             "worker": lambda job_id: run_job(ctx, job_id, pipes),
+            "ctx": ctx,
         }
     finally:
         server.should_exit = True
@@ -629,6 +630,31 @@ def test_api_mode_submit_watch_download(api: dict[str, Any], tmp_path: Path) -> 
     assert (tmp_path / "copy" / "shards" / "000001-1.tar").read_bytes() == (
         source / "shards" / "000001-1.tar"
     ).read_bytes()
+
+
+def test_api_mode_resume_follows_the_job_and_exits_with_its_outcome(api: dict[str, Any]) -> None:
+    import threading
+    import time
+
+    from service import jobs
+
+    job = ok("submit", "sample", "--count", 2, "--detach")
+    assert ok("pause", job["id"])["state"] == "paused"
+    ctx = api["ctx"]
+
+    def cancel_once_resumed() -> None:  # another client cancels while `resume` follows the job
+        while jobs.job_state(ctx, job["id"]) == "paused":
+            time.sleep(0.05)
+        jobs.cancel(ctx, jobs.job_row(ctx, job["id"]).tenant_id, job["id"])
+        jobs.maybe_finalize(ctx, job["id"])  # the dispatcher's part; nothing runs here
+
+    canceller = threading.Thread(target=cancel_once_resumed)
+    canceller.start()
+    try:
+        followed = ended(exit_codes.CANCELLED, "resume", job["id"])
+    finally:
+        canceller.join(timeout=30)
+    assert followed["state"] == "cancelled"
 
 
 def test_api_mode_bad_input_is_the_servers_422(
