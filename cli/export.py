@@ -25,9 +25,22 @@ EXPORTABLE_STATES = ("completed", "failed", "cancelled", "expired")
 FORMATS = ("coco", "market", "files")
 
 
-def _shards(outputs: list[dict[str, str]]) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """The committed shard names (`shards/000000`) in order, and the outputs by key."""
+MARKERS = ("_SUCCESS", "_FAILED", "_CANCELLED", "_EXPIRED")
+
+
+def _shards(
+    client: JobClient, outputs: list[dict[str, str]], tmp: Path
+) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The committed shard names (`shards/000000-1`) in order, and the outputs by key. The
+    finaliser's marker lists them; a stale worker's upload after finalisation sits beside them
+    under its own attempt's keys and is not one of them."""
     by_key = {o["key"]: o for o in outputs}
+    for marker in MARKERS:
+        if marker in by_key:
+            listed = json.loads(_fetch(client, by_key[marker], tmp).read_text()).get("shards")
+            if listed is not None:
+                return sorted(listed), by_key
+    # a job finalised before markers listed its shards: every done marker is a committed one
     names = sorted(k.removesuffix(".done.json") for k in by_key if k.endswith(".done.json"))
     return names, by_key
 
@@ -80,9 +93,9 @@ def iter_items(client: JobClient, job_id: str) -> Iterator[tuple[bytes, dict[str
             f"export: job {job_id} is {job['state']}; export a job once it has settled "
             f"({', '.join(EXPORTABLE_STATES)})"
         )
-    names, by_key = _shards(client.outputs(job_id))
     with tempfile.TemporaryDirectory(prefix="dpig-export-") as folder:
         tmp = Path(folder)
+        names, by_key = _shards(client, client.outputs(job_id), tmp)
         for name in names:
             if f"{name}.tar" in by_key:
                 yield from _tar_items(_fetch(client, by_key[f"{name}.tar"], tmp))

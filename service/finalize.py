@@ -319,7 +319,13 @@ def write_outputs(
         storage.put_file(prefix + "manifest.parquet", parquet_file.name)
         storage.put_file(prefix + "manifest.jsonl", manifest.name)
         storage.put_file(prefix + "errors.jsonl", errors.name)
-    summary = {"items": written.items, "done": written.done, "failed": written.failed}
+    summary: dict[str, Any] = {
+        "items": written.items,
+        "done": written.done,
+        "failed": written.failed,
+    }
+    # the committed attempts' shards, so a reader never mistakes a stale upload for one
+    summary["shards"] = [shard_name(c.index, c.tag) for c in chunks if c.tag is not None]
     if expiring:
         summary["expired"] = written.expired
         marker = "_EXPIRED"

@@ -128,3 +128,17 @@ def test_files_export_keeps_every_label(home: Path, tmp_path: Path) -> None:
     early = runner.invoke(app, ["export", queued["id"], "--format", "coco", "--out",
                                 str(tmp_path / "early")])  # fmt: skip
     assert early.exit_code == 2 and "is queued; export a job once it has settled" in early.stderr
+
+
+def test_a_stale_upload_after_finalisation_is_not_exported(home: Path, tmp_path: Path) -> None:
+    import shutil
+
+    job = ok("submit", "sample", "--count", 6, "--chunk-size", 3)
+    shards = home / "outputs" / "jobs" / job["id"] / "shards"
+    # a worker that lost chunk 0's lease uploads its attempt late, beside the committed one
+    for committed in sorted(shards.glob("000000-1.*")):
+        shutil.copyfile(committed, shards / committed.name.replace("000000-1", "000000-7"))
+    summary = ok("export", job["id"], "--format", "files", "--out", tmp_path / "files")
+    assert summary["images"] == 6
+    labels = [json.loads(line) for line in (tmp_path / "files" / "labels.jsonl").open()]
+    assert [entry["item"] for entry in labels] == list(range(6))
