@@ -395,7 +395,7 @@ def test_orphans_of_a_cancelled_job_are_removed(ctx: Context) -> None:
     names = sorted(p.name for p in (_out(ctx, job) / "shards").iterdir())
     assert all(name.startswith("000000-") for name in names) and len(names) == 3
     summary = json.loads((_out(ctx, job) / "_CANCELLED").read_text())
-    assert summary == {"items": 2, "done": 2, "failed": 0}
+    assert summary == {"items": 2, "done": 2, "failed": 0, "shards": ["shards/000000-1"]}
 
 
 def test_a_chunk_committed_by_a_worker_from_before_tags_is_kept(ctx: Context) -> None:

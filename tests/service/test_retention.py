@@ -89,7 +89,7 @@ def test_an_expired_job_keeps_its_shards_in_a_valid_manifest(
     assert [r["key"] for r in rows] == [f"{i:010d}" for i in range(8)]
     assert len((folder / "manifest.jsonl").read_text().splitlines()) == 8
     assert json.loads((folder / "_EXPIRED").read_text()) == {
-        "items": 8, "done": 2, "failed": 0, "expired": 6
+        "items": 8, "done": 2, "failed": 0, "expired": 6, "shards": ["shards/000000-1"]
     }  # fmt: skip
     assert (folder / "errors.jsonl").read_text() == ""
     assert not (folder / "_SUCCESS").exists() and not (folder / "_CANCELLED").exists()
