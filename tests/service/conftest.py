@@ -251,3 +251,33 @@ def new_postgres_database() -> Iterator[NewDatabase]:
         with state["conn"] as conn:
             for name in state["names"]:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch() -> Iterator[None]:
+    """Tiny tensors: torch's thread pool only adds contention on a 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def synthetic_people(
+    root: Path, *, identities: int, per_identity: int = 2, seed: int = 5
+) -> tuple[Path, dict[str, Any]]:
+    """A Market-format folder of synthetic people at 64×32 under `root`, and each image's
+    keypoints by file name: (bounding_box_train folder, {name: RCV keypoints})."""
+    from dpig_core.data.readers import read_dataset
+    from dpig_core.data.synth import write_market_dataset
+
+    write_market_dataset(root, identities=identities, per_identity=per_identity, height=64,
+                         width=32, seed=seed, test_fraction=0.0, progress=False)  # fmt: skip
+    folder = root / "bounding_box_train"
+    keypoints = {
+        r.path.name: r.rcv.tolist()
+        for r in read_dataset(root).records
+        if r.path.parent == folder and r.rcv is not None
+    }
+    return folder, keypoints

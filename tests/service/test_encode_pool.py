@@ -28,6 +28,7 @@ from service.jobs import Context, cancel, claim_chunk, open_context, submit, ten
 from service.runner import run_job
 from service.settings import Settings
 from service.specs import OutputFormat, parse_spec
+from tests.service.conftest import synthetic_people
 
 FORMATS = {
     "png": {},
@@ -50,21 +51,7 @@ def pipes() -> Any:
 
 @pytest.fixture(scope="module")
 def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from dpig_core.data.readers import read_dataset
-    from dpig_core.data.synth import write_market_dataset
-
-    root = tmp_path_factory.mktemp("people")
-    write_market_dataset(
-        root, identities=2, per_identity=2, height=64, width=32, seed=3, test_fraction=0.0,
-        progress=False,
-    )  # fmt: skip
-    folder = root / "bounding_box_train"
-    keypoints = {
-        r.path.name: r.rcv.tolist()
-        for r in read_dataset(root).records
-        if r.path.parent == folder and r.rcv is not None
-    }
-    return folder, keypoints
+    return synthetic_people(tmp_path_factory.mktemp("people"), identities=2, seed=3)
 
 
 def _context(home: Path, **values: Any) -> Context:

@@ -21,18 +21,9 @@ from service.jobs import Context, get_job, open_context, pause, resume, retry, s
 from service.runner import run_job
 from service.settings import Settings
 from service.specs import parse_spec
+from tests.service.conftest import synthetic_people
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
-
-
-@pytest.fixture(scope="module")
-def single_thread_torch() -> Any:
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -49,27 +40,7 @@ def ctx(tmp_path: Path) -> Context:
 
 @pytest.fixture(scope="module")
 def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from dpig_core.data.readers import read_dataset
-    from dpig_core.data.synth import write_market_dataset
-
-    root = tmp_path_factory.mktemp("people")
-    write_market_dataset(
-        root,
-        identities=3,
-        per_identity=2,
-        height=64,
-        width=32,
-        seed=5,
-        test_fraction=0.0,
-        progress=False,
-    )
-    folder = root / "bounding_box_train"
-    keypoints = {
-        r.path.name: r.rcv.tolist()
-        for r in read_dataset(root).records
-        if r.path.parent == folder and r.rcv is not None
-    }
-    return folder, keypoints
+    return synthetic_people(tmp_path_factory.mktemp("people"), identities=3, seed=5)
 
 
 def _grid_spec(folder: Path, keypoints: dict[str, Any], poses: int, chunk_size: int) -> Any:

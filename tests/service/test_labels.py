@@ -20,16 +20,12 @@ from service.jobs import Context, open_context, submit, tenant_id
 from service.runner import run_job
 from service.settings import Settings
 from service.specs import parse_spec
+from tests.service.conftest import synthetic_people
 
 L_WRIST = 7  # COCO-18
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture(scope="module")
@@ -44,19 +40,7 @@ def ctx(tmp_path: Path) -> Context:
 
 @pytest.fixture(scope="module")
 def people(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from dpig_core.data.readers import read_dataset
-    from dpig_core.data.synth import write_market_dataset
-
-    root = tmp_path_factory.mktemp("people")
-    write_market_dataset(root, identities=2, per_identity=2, height=64, width=32, seed=5,
-                         test_fraction=0.0, progress=False)  # fmt: skip
-    folder = root / "bounding_box_train"
-    keypoints = {
-        r.path.name: r.rcv.tolist()
-        for r in read_dataset(root).records
-        if r.path.parent == folder and r.rcv is not None
-    }
-    return folder, keypoints
+    return synthetic_people(tmp_path_factory.mktemp("people"), identities=2, seed=5)
 
 
 def run(ctx: Context, pipes: PipelineCache, spec: dict[str, Any]) -> Path:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from service import metrics
 from service.executor import PipelineCache, execute_chunk
@@ -29,13 +27,7 @@ from service.runner import run_job
 from service.settings import Settings
 from service.specs import parse_spec
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from sqlalchemy import select
 
 from service.db import WebhookDelivery, utcnow
@@ -26,13 +25,7 @@ from service.settings import Settings
 from service.specs import parse_spec
 from service.webhooks import SIGNATURE_HEADER, deliver_due, tenant_secret
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 class Receiver:
