@@ -192,7 +192,7 @@ def _weights_name(info: dict[str, Any]) -> str:
 
 
 def _job_dir(job: dict[str, Any]) -> Path:
-    from cli.jobs import local_path
+    from cli.job_output import local_path
 
     where = local_path(job.get("output_uri"))
     assert where is not None
@@ -200,11 +200,11 @@ def _job_dir(job: dict[str, Any]) -> Path:
 
 
 def _run(client: EmbeddedClient, spec: dict[str, Any], quiet: bool) -> tuple[dict[str, Any], float]:
-    from cli.jobs import _follow
+    from cli.job_output import follow
 
     started = time.perf_counter()
     job = client.submit(spec, wait=False)
-    job = _follow(client, job, quiet=quiet)
+    job = follow(client, job, quiet=quiet)
     if job["state"] != "completed":
         fail(f"{job['kind']} job {job['id']} ended {job['state']}: {job.get('error') or ''}")
     return job, time.perf_counter() - started
@@ -227,7 +227,7 @@ def demo(
     Embedded default only (no servers; DPIG_API_URL is ignored): jobs run in this process, and
     their outputs land in $DPIG_HOME/outputs/jobs/<job id>/.
     """
-    from cli.jobs import pose_grid_spec
+    from cli.job_specs import pose_grid_spec
 
     console = Console(stderr=as_json, soft_wrap=True, highlight=False)
     if os.environ.get("DPIG_API_URL") and not as_json:

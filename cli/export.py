@@ -135,9 +135,9 @@ def export(
 ) -> None:
     """Export a settled job's images and labels as a dataset: COCO keypoints (images +
     annotations/person_keypoints.json), a Market-1501 folder, or image folders + labels.jsonl."""
-    from cli.jobs import _client
+    from cli.job_output import open_client
 
-    with _client() as client:
+    with open_client() as client:
         summary = export_job(client, job_id, fmt, out)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

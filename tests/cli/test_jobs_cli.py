@@ -805,7 +805,7 @@ def test_pose_grid_without_keypoints_or_estimator_is_refused(
 
 
 def test_progress_bar_counts_only_images_made() -> None:
-    from cli.jobs import JobBar, _RateColumn
+    from cli.job_output import JobBar, RateColumn
 
     job = {"id": "j" * 13, "kind": "pose_grid", "state": "queued"}
     with JobBar(job) as bar:
@@ -815,7 +815,7 @@ def test_progress_bar_counts_only_images_made() -> None:
             advance(1, 0)  # a failed item
         task = bar.progress.tasks[0]
         assert (task.completed, task.fields["rate"]) == (3, 0)
-        assert str(_RateColumn().render(task)) == "- images/s"
+        assert str(RateColumn().render(task)) == "- images/s"
         advance(1, 1)
         assert task.completed == 4 and task.fields["rate"] > 0
 
