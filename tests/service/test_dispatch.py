@@ -267,7 +267,8 @@ def test_paused_and_cancelled_jobs_are_never_published(ctx: Context) -> None:
     tenant = tenant_id(ctx, "acme")
     pause(ctx, tenant, paused)
     cancel(ctx, tenant, cancelled)
-    assert _job(ctx, cancelled).state == "cancelled"
+    # the request only marks it: the dispatcher's finaliser ends it (issue 17, finding 2)
+    assert _job(ctx, cancelled).state == "cancelling"
     # a paused job's published-then-lost chunks are not re-published either
     _set_chunks(
         ctx, list(_chunks(ctx, paused).values()), published_at=utcnow() - timedelta(hours=1)
