@@ -163,7 +163,14 @@ class EmbeddedClient:
             return self._dump(getattr(jobs, verb)(self.ctx, self.tenant, job_id))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._control("cancel", job_id)
+        from service import jobs
+
+        with _job_errors():
+            jobs.cancel(self.ctx, self.tenant, job_id)
+            # no dispatcher here: this process finalises a job with nothing running (one still
+            # running in another `dpig run` is finalised by that runner when its chunk stops)
+            jobs.maybe_finalize(self.ctx, job_id)
+            return self._dump(jobs.get_job(self.ctx, self.tenant, job_id))
 
     def pause(self, job_id: str) -> dict[str, Any]:
         return self._control("pause", job_id)

@@ -47,6 +47,15 @@ def rowcount(result: object) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+def note_received(ctx: Context, chunk_id: int) -> None:
+    """The worker task's first act: its message was delivered (DESIGN §3), so the dispatcher
+    never re-sends the chunk as lost, whatever it then does with it."""
+    with ctx.session() as session:
+        session.execute(
+            update(Chunk).where(Chunk.id == chunk_id).values(received_at=db_now(session))
+        )
+
+
 def claim_chunk(
     ctx: Context, owner: str, *, job_id: str | None = None, chunk_id: int | None = None
 ) -> Claim | None:

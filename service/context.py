@@ -16,7 +16,7 @@ from service.db import make_engine, session_factory, utcnow
 from service.settings import Settings
 from service.storage import Storage, storage_from_url
 
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 
 
 @dataclass

@@ -3,8 +3,11 @@
 One `tick` does, in order:
 1. sweep: running chunks whose lease expired go back to pending (dead after max_attempts);
 2. re-publish: pending chunks published more than `republish_after_s` ago whose message was
-   evidently lost (a Redis flush or restart) are published again; a duplicate is harmless because
-   a task only runs a chunk it can lease;
+   lost (a Redis flush or restart) are published again; a duplicate is harmless because a task
+   only runs a chunk it can lease. A message is presumed lost only when its task received it
+   without starting the chunk, or when its queue has stalled: nothing of the queue running, and
+   no chunk of it received or finished for `republish_after_s`. A backlog that merely waits
+   behind busy workers is never re-sent;
 3. publish just in time: per queue, up to `max_in_flight` chunks published-or-running, chosen by
    priority and then round-robin across tenants (a window function in SQL), oldest job first; a
    chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
@@ -176,15 +179,39 @@ def _publish(ctx: Context, chunk_ids: list[int], queue: str, publish: Publish) -
     return sent
 
 
+def _lost(session: Session, older_than_s: float) -> ColumnElement[bool]:
+    cutoff = db_now(session) - timedelta(seconds=older_than_s)
+    # a queue shows life while a chunk of it runs or was received or finished lately
+    alive = (
+        select(Job.queue)
+        .select_from(Chunk)
+        .join(Job)
+        .where(
+            Job.state.in_(RUNNABLE),
+            or_(
+                Chunk.state == ChunkState.RUNNING,
+                Chunk.received_at >= cutoff,
+                Chunk.finished_at >= cutoff,
+            ),
+        )
+        .distinct()
+    )
+    live_queues = [str(queue) for queue in session.scalars(alive)]
+    return and_(
+        Chunk.published_at < cutoff,
+        or_(Chunk.received_at >= Chunk.published_at, Job.queue.not_in(live_queues)),
+    )
+
+
 def republish_lost(ctx: Context, publish: Publish, older_than_s: float) -> int:
-    """Pending chunks whose message went out more than `older_than_s` ago and never started."""
+    """Pending chunks whose message went out more than `older_than_s` ago and was lost: received
+    without starting the chunk, or never received in a queue that has stalled."""
     with ctx.session() as session:
-        cutoff = db_now(session) - timedelta(seconds=older_than_s)
         rows = session.execute(
             select(Chunk.id, Job.queue)
             .join(Job)
-            .where(Chunk.state == ChunkState.PENDING, Chunk.published_at < cutoff,
-                   Job.state.in_(RUNNABLE))
+            .where(Chunk.state == ChunkState.PENDING, Job.state.in_(RUNNABLE),
+                   _lost(session, older_than_s))
         ).all()  # fmt: skip
     by_queue: dict[str, list[int]] = {}
     for chunk_id, queue in rows:

@@ -565,17 +565,17 @@ def _set_state(
 
 
 def cancel(ctx: Context, tenant: int, job_id: str) -> JobView:
-    """Stop the job: pending chunks never run, running ones stop at their next micro-batch, and
-    the finaliser keeps every finished shard in a valid manifest."""
-    _set_state(
+    """Mark the job `cancelling`: pending chunks never run, running ones stop at their next
+    micro-batch, and the finaliser (the dispatcher's, or the embedded runner's) then keeps every
+    finished shard in a valid manifest and ends it `cancelled`. Nothing is finalised here, so a
+    request never holds a job's whole manifest."""
+    return _set_state(
         ctx,
         tenant,
         job_id,
         dict.fromkeys((JobState.QUEUED, JobState.RUNNING, JobState.PAUSED), JobState.CANCELLING),
         "cancel",
     )
-    maybe_finalize(ctx, job_id)
-    return get_job(ctx, tenant, job_id)
 
 
 def pause(ctx: Context, tenant: int, job_id: str) -> JobView:

@@ -28,6 +28,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_shutting_down
 
 from service import metrics
+from service.chunks import note_received
 from service.db import utcnow
 from service.errors import tenant_reason
 from service.jobs import (
@@ -137,11 +138,13 @@ def _shutting_down(**_: Any) -> None:
 
 @app.task(name="dpig.run_chunk", acks_late=True, reject_on_worker_lost=True)
 def run_chunk(chunk_id: int) -> str:
-    """Lease the chunk (a duplicate or stale message finds nothing to lease and returns), run it,
-    and finalise its job if it was the last one."""
+    """Record the message's receipt (so the dispatcher never re-sends it as lost), lease the
+    chunk (a duplicate or stale message finds nothing to lease and returns), run it, and finalise
+    its job if it was the last one."""
     from service.executor import execute_chunk
 
     ctx, pipes = _worker()
+    note_received(ctx, chunk_id)
     claim = claim_chunk(ctx, _state["owner"], chunk_id=chunk_id)
     if claim is None:
         return "skipped"

@@ -315,6 +315,9 @@ class Chunk(Base):
     lease_token: Mapped[str | None] = mapped_column(String(36))
     lease_expires_at: Mapped[datetime | None]
     published_at: Mapped[datetime | None]
+    # set by the worker task as its first act: a message received after its publication was
+    # delivered, so the dispatcher never re-sends it as lost
+    received_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
     done_items: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     failed_items: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import delete, select, update
 
+from service.chunks import note_received
 from service.db import Base, Chunk, ChunkState, Job, make_engine, utcnow
 from service.dispatch import DispatchConfig, finalize_ready, next_chunks, republish_lost, tick
 from service.jobs import (
@@ -266,7 +267,8 @@ def test_paused_and_cancelled_jobs_are_never_published(ctx: Context) -> None:
     tenant = tenant_id(ctx, "acme")
     pause(ctx, tenant, paused)
     cancel(ctx, tenant, cancelled)
-    assert _job(ctx, cancelled).state == "cancelled"
+    # the request only marks it: the dispatcher's finaliser ends it (issue 17, finding 2)
+    assert _job(ctx, cancelled).state == "cancelling"
     # a paused job's published-then-lost chunks are not re-published either
     _set_chunks(
         ctx, list(_chunks(ctx, paused).values()), published_at=utcnow() - timedelta(hours=1)
@@ -361,8 +363,13 @@ def test_lost_messages_are_republished_after_the_delay_and_not_before(ctx: Conte
     _set_chunks(ctx, [ids[0]], published_at=utcnow() - timedelta(seconds=60))  # not yet
     _set_chunks(ctx, [ids[1], ids[2]], published_at=utcnow() - timedelta(seconds=600))
     publish.clear()
+    # a chunk of the queue runs: the old message waits behind it, it is not lost
+    assert tick(ctx, publish, config).republished == 0
+
+    # received without starting the chunk: that message is gone, whatever the queue does
+    note_received(ctx, ids[1])
     report = tick(ctx, publish, config)
-    assert report.republished == 1  # the running chunk's message was evidently delivered
+    assert report.republished == 1
     assert publish.ids == [ids[1]]
     assert _chunk(ctx, ids[1]).published_at > utcnow() - timedelta(seconds=60)
 
@@ -370,7 +377,11 @@ def test_lost_messages_are_republished_after_the_delay_and_not_before(ctx: Conte
     assert tick(ctx, publish, config).republished == 0
     assert publish.ids == []
 
-    # the direct call takes its own delay
+    # the queue stalls (its last chunk finished, its last receipt long ago): the never-received
+    # message is presumed lost; the direct call takes its own delay
+    _finish(ctx, running)
+    _set_chunks(ctx, [ids[2]], finished_at=utcnow() - timedelta(seconds=600))
+    _set_chunks(ctx, [ids[1]], received_at=utcnow() - timedelta(seconds=600))
     _set_chunks(ctx, [ids[0]], published_at=utcnow() - timedelta(seconds=30))
     assert republish_lost(ctx, publish, older_than_s=40) == 0
     assert republish_lost(ctx, publish, older_than_s=20) == 1

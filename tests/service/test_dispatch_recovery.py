@@ -94,11 +94,12 @@ def test_cancelled_and_paused_jobs_do_not_hold_in_flight_slots(ctx: Context) -> 
     assert publish.ids == _chunk_ids(ctx, first)  # the queue's 3 slots, none started yet
 
     cancel(ctx, tenant_id(ctx), first)
-    assert _state(ctx, first) == "cancelled"
+    assert _state(ctx, first) == "cancelling"
     second = _submit(ctx, 3)
     publish.ids.clear()
     tick(ctx, publish, _config())
     assert publish.ids == _chunk_ids(ctx, second)
+    assert _state(ctx, first) == "cancelled"
 
     pause(ctx, tenant_id(ctx), second)
     third = _submit(ctx, 3)

@@ -228,7 +228,7 @@ def test_a_cancel_committed_during_a_claim_is_not_overwritten(ctx: Context) -> N
         event.remove(engine, "after_cursor_execute", cancel_meanwhile)
     assert fired
     assert claim is None
-    assert _job(ctx, job).state == "cancelled"
+    assert _job(ctx, job).state == "cancelling"
     assert _chunk(ctx, chunk_id).state == "pending"
 
 
@@ -391,6 +391,8 @@ def test_orphans_of_a_cancelled_job_are_removed(ctx: Context) -> None:
     _write(ctx, lost, b"png")  # uploaded, then the worker died before committing
     release_chunk(ctx, lost, error="worker lost")
     cancel(ctx, tenant_id(ctx, "acme"), job)
+    assert _job(ctx, job).state == "cancelling"  # the request only marks it
+    assert maybe_finalize(ctx, job)
     assert _job(ctx, job).state == "cancelled"
     names = sorted(p.name for p in (_out(ctx, job) / "shards").iterdir())
     assert all(name.startswith("000000-") for name in names) and len(names) == 3

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from service.db import WebhookDelivery, utcnow
+from service.dispatch import finalize_ready
 from service.executor import PipelineCache
 from service.jobs import Context, JobError, cancel, open_context, submit, tenant_id
 from service.runner import run_job
@@ -136,6 +137,7 @@ def test_a_webhook_is_delivered_signed_and_retried(
     # every terminal state is sent: a cancelled job too; and giving up is recorded
     doomed = submit(ctx, tenant, parse_spec({"kind": "sample", "count": 2, "callback_url": url}))
     cancel(ctx, tenant, doomed.id)
+    finalize_ready(ctx)
     receiver.statuses = [503] * 4
     later = t0 + timedelta(minutes=1)
     for step in range(3):
@@ -155,6 +157,7 @@ def test_redirects_are_not_followed(tmp_path: Path, receiver: Receiver) -> None:
         "kind": "sample", "count": 2, "callback_url": receiver.url + "/hook"
     }))  # fmt: skip
     cancel(ctx, tenant, job.id)
+    finalize_ready(ctx)
     receiver.statuses = [302]
     assert deliver_due(ctx) == 0
     (row,) = deliveries(ctx)

@@ -10,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.db import JobState
+from service.dispatch import finalize_ready
+from service.jobs import Context
 
 Headers = dict[str, str]
 Spec = Callable[..., dict[str, Any]]
@@ -105,7 +107,9 @@ def test_active_job_quota_counts_own_jobs_only(
         assert refused.json()["detail"].startswith("quota: 1 active jobs")
 
 
-def test_pause_resume_cancel(client: TestClient, auth: Headers, sample_spec: Spec) -> None:
+def test_pause_resume_cancel(
+    client: TestClient, ctx: Context, auth: Headers, sample_spec: Spec
+) -> None:
     job_id = submit(client, auth, sample_spec())["id"]
 
     def act(action: str) -> Any:
@@ -123,7 +127,10 @@ def test_pause_resume_cancel(client: TestClient, auth: Headers, sample_spec: Spe
 
     cancelled = act("cancel")
     assert cancelled.status_code == 200
-    assert cancelled.json()["state"] == "cancelled"  # nothing was running: finalised at once
+    # the request only marks it, even with nothing running (issue 17, finding 2)
+    assert cancelled.json()["state"] == "cancelling"
+    assert act("cancel").json()["detail"] == "cannot cancel a job that is cancelling"
+    assert finalize_ready(ctx) == 1  # the dispatcher's finaliser ends it
     for action in ("cancel", "pause", "resume", "retry"):
         response = act(action)
         assert response.status_code == 409, action
@@ -134,7 +141,7 @@ def test_cancel_paused_job(client: TestClient, auth: Headers, sample_spec: Spec)
     job_id = submit(client, auth, sample_spec())["id"]
     assert client.post(f"/v1/jobs/{job_id}:pause", headers=auth).status_code == 200
     response = client.post(f"/v1/jobs/{job_id}:cancel", headers=auth)
-    assert response.status_code == 200 and response.json()["state"] == "cancelled"
+    assert response.status_code == 200 and response.json()["state"] == "cancelling"
 
 
 def test_unknown_action_is_not_routed(client: TestClient, auth: Headers, sample_spec: Spec) -> None:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from service.db import Job, Tenant
+from service.dispatch import finalize_ready
 from service.jobs import Context
 from service.settings import Settings
 
@@ -98,7 +99,7 @@ def test_tenant_quota_overrides_settings(
 
 
 def test_active_jobs_quota(
-    client: TestClient, auth: Headers, written: Written, sample_spec: Spec
+    client: TestClient, ctx: Context, auth: Headers, written: Written, sample_spec: Spec
 ) -> None:
     first = client.post("/v1/jobs", headers=auth, json=sample_spec()).json()
     client.post("/v1/jobs", headers=auth, json=sample_spec())
@@ -109,6 +110,7 @@ def test_active_jobs_quota(
     assert written() == before
     # a finished (cancelled) job no longer counts
     assert client.post(f"/v1/jobs/{first['id']}:cancel", headers=auth).status_code == 200
+    assert finalize_ready(ctx) == 1  # the dispatcher's finaliser
     assert client.post("/v1/jobs", headers=auth, json=sample_spec()).status_code == 201
 
 

@@ -22,6 +22,7 @@ from service import jobs
 from service.api import create_app
 from service.db import ApiKey, utcnow
 from service.db.keys import new_api_key
+from service.dispatch import finalize_ready
 from service.executor import PipelineCache
 from service.jobs import Context
 from service.runner import run_job
@@ -109,6 +110,7 @@ def test_events_follow_a_running_job(
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             failures.append(exc)
             jobs.cancel(ctx, jobs.job_row(ctx, job_id).tenant_id, job_id)  # end the stream
+            jobs.maybe_finalize(ctx, job_id)
 
     worker = threading.Thread(target=work)
     worker.start()
@@ -127,14 +129,21 @@ def test_events_follow_a_running_job(
     assert len({json.dumps(data, sort_keys=True) for _, data in events}) == len(events)
 
 
-def test_events_end_on_cancel(client: TestClient, auth: Headers, sample_spec: Spec) -> None:
+def test_events_end_on_cancel(
+    client: TestClient, ctx: Context, auth: Headers, sample_spec: Spec
+) -> None:
     job_id = _submit(client, auth, sample_spec())
-    timer = threading.Timer(1.0, lambda: client.post(f"/v1/jobs/{job_id}:cancel", headers=auth))
+
+    def cancel_then_finalise() -> None:
+        client.post(f"/v1/jobs/{job_id}:cancel", headers=auth)
+        time.sleep(1.0)  # the request only marks the job: the stream shows it cancelling
+        finalize_ready(ctx)  # what the dispatcher's finaliser does next
+
+    timer = threading.Timer(1.0, cancel_then_finalise)
     timer.start()
     stream = client.get(f"/v1/jobs/{job_id}/events", headers=auth)
     timer.join()
     states = [data["state"] for _, data in _events(stream.text)]
-    # "cancelling" shows when a poll falls between the cancel and its finalisation
     assert states[0] == "queued" and states[-1] == "cancelled"
     assert set(states) <= {"queued", "cancelling", "cancelled"}
 
@@ -157,6 +166,7 @@ def test_events_end_when_the_key_is_revoked(
     ended = not reader.is_alive()
     if not ended:  # end the stream for the old code, then report
         jobs.cancel(ctx, jobs.job_row(ctx, job_id).tenant_id, job_id)
+        jobs.maybe_finalize(ctx, job_id)
         reader.join(timeout=10)
     assert ended, "the stream outlived its key"
     events = _events(answer["text"])
@@ -189,10 +199,12 @@ def test_event_streams_are_capped_per_tenant(
             assert second.json()["detail"].startswith("events: 1 event streams are already open")
             # another tenant's streams are counted apart; a finished job's stream is one event
             client.post(f"/v1/jobs/{bob_job}:cancel", headers=keys["bob"])
+            jobs.maybe_finalize(ctx, bob_job)  # the dispatcher's finaliser
             bobs = client.get(f"/v1/jobs/{bob_job}/events", headers=keys["bob"])
             assert bobs.status_code == 200
         finally:
             client.post(f"/v1/jobs/{alice_job}:cancel", headers=keys["alice"])
+            jobs.maybe_finalize(ctx, alice_job)
             reader.join(timeout=10)
         # the slot is given back when the stream ends
         again = client.get(f"/v1/jobs/{alice_job}/events", headers=keys["alice"])
@@ -312,5 +324,6 @@ def test_a_stream_dropped_before_its_first_byte_gives_its_slot_back(
 
         client.portal.call(dropped)  # type: ignore[union-attr]
         client.post(f"/v1/jobs/{job_id}:cancel", headers=auth)
+        jobs.maybe_finalize(ctx, job_id)  # the dispatcher's finaliser
         again = client.get(path, headers=auth)  # a finished job's stream: one event, then the end
         assert again.status_code == 200, again.text
