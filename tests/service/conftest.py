@@ -281,3 +281,39 @@ def synthetic_people(
         if r.path.parent == folder and r.rcv is not None
     }
     return folder, keypoints
+
+
+def fetch_job(ctx: Any, job_id: str) -> Any:
+    """The job row, read in a session of its own and detached (readable after it closes)."""
+    from service.db import Job
+
+    with ctx.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def fetch_chunk(ctx: Any, chunk_id: int) -> Any:
+    """The chunk row, read in a session of its own and detached."""
+    from service.db import Chunk
+
+    with ctx.session() as session:
+        chunk = session.get(Chunk, chunk_id)
+        assert chunk is not None
+        session.expunge(chunk)
+        return chunk
+
+
+def commit_placeholder_shard(ctx: Any, claim: Any) -> None:
+    """What a worker does for a claimed chunk, without a model: write its shard (placeholder
+    image bytes), then commit it."""
+    from service.finalize import job_prefix
+    from service.jobs import commit_chunk
+    from service.shards import ShardWriter
+
+    writer = ShardWriter(ctx.storage, job_prefix(claim.job_id), claim.index, tag=claim.tag)
+    for item in range(claim.item_start, claim.item_stop):
+        writer.add(item, b"not-really-a-png", {"item": item, "seed": 0})
+    writer.write()
+    assert commit_chunk(ctx, claim, writer.done, writer.failed)

@@ -29,7 +29,6 @@ from service.jobs import (
     Context,
     cancel,
     claim_chunk,
-    commit_chunk,
     job_prefix,
     open_context,
     pause,
@@ -39,8 +38,10 @@ from service.jobs import (
     tenant_id,
 )
 from service.settings import Settings
-from service.shards import ShardWriter
 from service.specs import parse_spec
+from tests.service.conftest import commit_placeholder_shard as _finish
+from tests.service.conftest import fetch_chunk as _chunk
+from tests.service.conftest import fetch_job as _job
 
 MAX_ATTEMPTS = 2
 
@@ -138,37 +139,10 @@ def _owner(ctx: Context, chunk_ids: list[int]) -> list[str]:
     return [rows[c] for c in chunk_ids]
 
 
-def _chunk(ctx: Context, chunk_id: int) -> Chunk:
-    with ctx.session() as session:
-        chunk = session.get(Chunk, chunk_id)
-        assert chunk is not None
-        session.expunge(chunk)
-        return chunk
-
-
-def _job(ctx: Context, job_id: str) -> Job:
-    with ctx.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge(job)
-        return job
-
-
 def _claim(ctx: Context, chunk_id: int) -> Claim:
     claim = claim_chunk(ctx, "test-worker", chunk_id=chunk_id)
     assert claim is not None
     return claim
-
-
-def _finish(ctx: Context, claim: Claim) -> None:
-    """What a worker does for a chunk: write its shard (placeholder bytes), then commit."""
-    writer = ShardWriter(
-        ctx.storage, job_prefix(claim.job_id), claim.index, "webdataset", claim.tag
-    )
-    for item in range(claim.item_start, claim.item_stop):
-        writer.add(item, b"not-really-a-png", {"item": item, "seed": 0})
-    writer.write()
-    assert commit_chunk(ctx, claim, writer.done, writer.failed)
 
 
 def _set_chunks(ctx: Context, chunk_ids: list[int], **values: Any) -> None:

@@ -25,7 +25,6 @@ from service.jobs import (
     Context,
     cancel,
     claim_chunk,
-    commit_chunk,
     job_prefix,
     open_context,
     pause,
@@ -35,9 +34,9 @@ from service.jobs import (
     tenant_id,
 )
 from service.settings import Settings
-from service.shards import ShardWriter
 from service.specs import parse_spec
 from service.storage import StorageError
+from tests.service.conftest import commit_placeholder_shard
 
 
 @pytest.fixture
@@ -161,10 +160,7 @@ def test_a_failed_finalisation_is_retried(ctx: Context, monkeypatch: pytest.Monk
     (chunk_id,) = _chunk_ids(ctx, job)
     claim = claim_chunk(ctx, "w", chunk_id=chunk_id)
     assert claim is not None
-    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index, tag=claim.tag)
-    writer.add(0, b"png", {"item": 0, "seed": 0})
-    writer.write()
-    assert commit_chunk(ctx, claim, writer.done, writer.failed)
+    commit_placeholder_shard(ctx, claim)
 
     put_bytes = ctx.storage.put_bytes
 
@@ -189,10 +185,7 @@ def test_a_tick_without_finalisation_leaves_it_to_the_finaliser(ctx: Context) ->
     (chunk_id,) = _chunk_ids(ctx, job)
     claim = claim_chunk(ctx, "w", chunk_id=chunk_id)
     assert claim is not None
-    writer = ShardWriter(ctx.storage, job_prefix(job), claim.index, tag=claim.tag)
-    writer.add(0, b"png", {"item": 0, "seed": 0})
-    writer.write()
-    assert commit_chunk(ctx, claim, writer.done, writer.failed)
+    commit_placeholder_shard(ctx, claim)
     assert tick(ctx, Recorder(), _config(finalize_in_tick=False)).finalized == 0
     assert _state(ctx, job) == "running"
     assert finalize_ready(ctx) == 1 and _state(ctx, job) == "completed"

@@ -53,6 +53,8 @@ from service.jobs import (
 from service.settings import Settings
 from service.shards import ShardWriter
 from service.specs import parse_spec
+from tests.service.conftest import fetch_chunk as _chunk
+from tests.service.conftest import fetch_job as _job
 
 
 @pytest.fixture(scope="module")
@@ -123,22 +125,6 @@ def _expire(ctx: Context, chunk_id: int) -> None:
             .where(Chunk.id == chunk_id)
             .values(lease_expires_at=utcnow() - timedelta(seconds=1))
         )
-
-
-def _job(ctx: Context, job_id: str) -> Job:
-    with ctx.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.expunge(job)
-        return job
-
-
-def _chunk(ctx: Context, chunk_id: int) -> Chunk:
-    with ctx.session() as session:
-        chunk = session.get(Chunk, chunk_id)
-        assert chunk is not None
-        session.expunge(chunk)
-        return chunk
 
 
 def _out(ctx: Context, job_id: str) -> Path:
