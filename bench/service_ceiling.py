@@ -30,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,13 @@ class PrecomputedPipeline:
     def __init__(self, bank: torch.Tensor, batch_size: int) -> None:
         self.bank, self.batch_size = bank, batch_size  # [K, 3, H, W] in [−1, 1]
 
-    def sample(self, items: list[int], seed: int, **_: Any) -> torch.Tensor:
-        return self.bank[torch.as_tensor(items) % len(self.bank)]
+    def sample_factors(self, items: list[int], seed: int, **_: Any) -> Any:
+        # the labels' keypoints come from the factors' rcv [B, 18, 3] (row, column, visible)
+        rcv = torch.rand(len(items), 18, 3, generator=torch.Generator().manual_seed(seed))
+        return SimpleNamespace(items=items, rcv=rcv * torch.tensor([64.0, 32.0, 1.0]))
+
+    def render(self, factors: Any) -> torch.Tensor:
+        return self.bank[torch.as_tensor(factors.items) % len(self.bank)]
 
 
 class PrecomputedPipes(PipelineCache):
@@ -70,7 +76,7 @@ class PrecomputedPipes(PipelineCache):
         super().__init__(batch_size=pipe.batch_size)
         self.pipe = pipe
 
-    def get(self, ctx: Context, name: str, weights_sha256: str) -> Any:
+    def get(self, ctx: Context, name: str, weights_sha256: str, execution: Any = None) -> Any:
         return self.pipe
 
 
