@@ -78,7 +78,7 @@ def dispatcher(
     from prometheus_client import start_http_server
 
     from service import metrics
-    from service.dispatch import DispatchConfig, finalize_ready, tick
+    from service.dispatch import DispatchConfig, housekeep, tick
     from service.dispatch_lock import DispatcherLock
     from service.jobs import open_context
     from service.settings import get_settings
@@ -116,13 +116,14 @@ def dispatcher(
     standing_by = False
 
     def finalise_forever() -> None:
-        """Finalisation streams for minutes on a large job: beside the ticks, not inside."""
+        """Finalisation and retention deletes take minutes on a large job: beside the ticks,
+        not inside."""
         fctx = None
         while not stopping["now"]:
             try:
                 if lock.held:
                     fctx = fctx or open_context(get_settings(), migrate=False)
-                    if finalized := finalize_ready(fctx):
+                    if finalized := housekeep(fctx):
                         log.info("finalised %d jobs", finalized)
             except Exception as exc:  # noqa: BLE001 - an outage: try again
                 log.warning("finalising failed: %s", exc)

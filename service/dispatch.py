@@ -12,11 +12,12 @@ One `tick` does, in order:
    priority and then round-robin across tenants (a window function in SQL), oldest job first; a
    chunk whose last attempt failed waits out an exponential backoff first, so that an outage of a
    dependency (S3, say) does not burn through its attempts in seconds;
-4. finalise jobs whose chunks are all terminal (unless `finalize_in_tick` is off: `dpig
-   dispatcher` finalises in a thread of its own, so that a long finalisation never holds up
-   publishing and lease sweeping), and refresh the gauges;
-5. expire unfinished jobs past their `expires_at`, and delete the outputs of finished jobs past
-   their `retain_days` (service.retention); send the webhooks that are due (service.webhooks).
+4. mark unfinished jobs past their `expires_at` for expiry (service.retention);
+5. finalise jobs whose chunks are all terminal (expired ones included) and delete the outputs of
+   finished jobs past their `retain_days`, unless `finalize_in_tick` is off: `dpig dispatcher`
+   does both in a thread of its own (`housekeep`), so that a long finalisation or deletion never
+   holds up publishing and lease sweeping;
+6. send the webhooks that are due (service.webhooks) and refresh the gauges.
 """
 
 from __future__ import annotations
@@ -239,6 +240,15 @@ def finalize_ready(ctx: Context) -> int:
     return sum(maybe_finalize(ctx, job_id) for job_id in candidates)
 
 
+def housekeep(ctx: Context) -> int:
+    """What `tick` leaves to a finaliser thread when `finalize_in_tick` is off: finalise the
+    jobs that are ready (expired ones included) and delete outputs past their retention.
+    Returns how many jobs were finalised."""
+    finalized = finalize_ready(ctx)
+    retention.delete_due(ctx)
+    return finalized
+
+
 def refresh_gauges(ctx: Context) -> None:
     """dpig_work_items_outstanding{queue,state} and dpig_jobs{state} from the database."""
     with ctx.session() as session:
@@ -281,10 +291,10 @@ def tick(ctx: Context, publish: Publish, config: DispatchConfig) -> TickReport:
         }
     for queue in queues:
         report.published[queue] = _publish(ctx, ready[queue], queue, publish)
+    retention.expire_due(ctx, finalize=config.finalize_in_tick)
     if config.finalize_in_tick:
         report.finalized = finalize_ready(ctx)
-    retention.expire_due(ctx)
-    retention.delete_due(ctx)
+        retention.delete_due(ctx)
     webhooks.deliver_due(ctx)
     now = time.monotonic()
     if config.gauges_every_s <= 0 or now - config.gauges_refreshed_at >= config.gauges_every_s:

@@ -55,6 +55,9 @@ SECRET_KEY = "dpig-local-secret"
 REGION = "us-east-1"
 DATABASE = "dpig"
 SERVICES = ("postgres", "redis", "seaweedfs", "api", "dispatcher")
+# a second dispatcher, not started by `up`: the drills start it beside the first (it stands by on
+# the advisory lock, and takes over when the first dies)
+STANDBY_DISPATCHER = "dispatcher-b"
 START_TIMEOUT_S = 90.0
 PROCESS_COMMANDS = ("start", "stop", "restart", "kill")
 STOP_TIMEOUT_S = 20.0
@@ -404,7 +407,7 @@ class LocalStack:
         for folder in ("logs", "home", "redis", "seaweedfs", "workers"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         names = ["postgres"] if self.private_postgres else []
-        names += ["redis", "api", "dispatcher-metrics"]
+        names += ["redis", "api", "dispatcher-metrics", f"{STANDBY_DISPATCHER}-metrics"]
         names += [f"{w}-metrics" for w in self.worker_names]
         self.ports = pick_ports(names) | pick_ports([*_WEED_PAIRED, "weed-metrics"], _WEED_PAIRED)
         try:
@@ -412,7 +415,7 @@ class LocalStack:
             self.start("redis")
             self._setup_seaweedfs()
             self._migrate()
-            self.api_key = self._create_key()
+            self.api_key = self.create_key(self.config.tenant)
             self.save()
             self.start("api")
             self.start("dispatcher")
@@ -431,7 +434,7 @@ class LocalStack:
         # the data is thrown away: weed's slow graceful stop is not worth waiting for
         groups: list[tuple[list[str], float]] = [
             (self.worker_names, STOP_TIMEOUT_S),
-            (["dispatcher", "api"], STOP_TIMEOUT_S),
+            (["dispatcher", STANDBY_DISPATCHER, "api"], STOP_TIMEOUT_S),
             (["seaweedfs", "redis"], 5.0),
             (["postgres"] if self.private_postgres else [], STOP_TIMEOUT_S),
         ]
@@ -506,11 +509,11 @@ class LocalStack:
         env |= self.service_env()
         if name == "api":
             return [*dpig, "api", "--host", "127.0.0.1", "--port", str(self.ports["api"])], env
-        if name == "dispatcher":
+        if name in ("dispatcher", STANDBY_DISPATCHER):
             return [*dpig, "dispatcher", "--interval", str(cfg.dispatch_interval_s),
                     "--republish-after", str(cfg.republish_after_s),
                     "--max-in-flight", cfg.max_in_flight,
-                    "--metrics-port", str(self.ports["dispatcher-metrics"])], env  # fmt: skip
+                    "--metrics-port", str(self.ports[f"{name}-metrics"])], env  # fmt: skip
         if name.startswith("worker-"):
             folder = self.root / "workers" / name
             env |= {
@@ -586,7 +589,7 @@ class LocalStack:
                 _wait(name, self._s3_answers, START_TIMEOUT_S, proc)
             elif name == "api":
                 _wait(name, self.api_ready, START_TIMEOUT_S, proc)
-            elif name == "dispatcher":
+            elif name in ("dispatcher", STANDBY_DISPATCHER):
                 _wait(name, lambda: self._http_ok(self.metrics_url(name)), START_TIMEOUT_S, proc)
             else:
                 _wait(name, lambda: self._log_says(name, " ready."), START_TIMEOUT_S, proc)
@@ -627,6 +630,21 @@ class LocalStack:
         _wait_gone(tree, 10.0)
         self._reap(name)
         return tree
+
+    def freeze(self, name: str) -> list[int]:
+        """SIGSTOP a process and its descendants (a VM pause, a stop-the-world stall): they keep
+        their sockets and locks but run nothing until `thaw`. Returns the pids stopped."""
+        pid = self.pids.get(name)
+        if not pid or not _alive(pid):
+            return []
+        tree = [pid, *descendants(pid)]
+        _signal(tree, signal.SIGSTOP)
+        return tree
+
+    @staticmethod
+    def thaw(pids: Sequence[int]) -> None:
+        """SIGCONT what `freeze` stopped."""
+        _signal(pids, signal.SIGCONT)
 
     def restart(self, name: str, **start: Any) -> int:
         self.stop(name)
@@ -762,7 +780,7 @@ class LocalStack:
         assert self.database_url is not None
         upgrade_database(self.database_url)
 
-    def _create_key(self) -> str:
+    def create_key(self, tenant_name: str) -> str:
         """A tenant (created if missing) and a fresh API key for it."""
         from sqlalchemy import select
 
@@ -772,9 +790,9 @@ class LocalStack:
         engine = make_engine(self.database_url)
         try:
             with session_factory(engine)() as session, session.begin():
-                tenant = session.scalar(select(Tenant).where(Tenant.name == self.config.tenant))
+                tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
                 if tenant is None:
-                    tenant = Tenant(name=self.config.tenant)
+                    tenant = Tenant(name=tenant_name)
                     session.add(tenant)
                     session.flush()
                 clear, prefix, key_hash = new_api_key()
@@ -862,8 +880,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "name",
         nargs="?",
-        help="For stop, start, restart and kill: postgres, redis, seaweedfs, api, dispatcher "
-        "or worker-N (kill: SIGKILL the process and its children at once).",
+        help="For stop, start, restart and kill: postgres, redis, seaweedfs, api, dispatcher, "
+        f"{STANDBY_DISPATCHER} (a second dispatcher, standing by) or worker-N (kill: SIGKILL "
+        "the process and its children at once).",
     )
     parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="Stack folder (.stack).")
     parser.add_argument("--workers", type=int, default=2, help="Worker processes (up).")
@@ -899,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if all(row["running"] for row in stack.status().values()) else 1
         elif args.command in PROCESS_COMMANDS:
             stack = LocalStack.load(args.dir)
-            if args.name not in stack.names:
+            if args.name not in (*stack.names, STANDBY_DISPATCHER):
                 parser.error(f"{args.command}: give a process name, one of {stack.names}")
             if args.name == "postgres" and not stack.private_postgres:
                 raise StackError("postgres is an external server here (--postgres-url)")

@@ -1,5 +1,6 @@
-"""Job expiry and output retention, run by the dispatcher each tick (docs/jobs.md, "Expiry and
-retention").
+"""Job expiry and output retention (docs/jobs.md, "Expiry and retention"): `dpig dispatcher`
+marks expired jobs in its tick, and finalises them and deletes expired outputs in its finaliser
+thread (both stream or list for minutes on a large job, so neither runs inside a tick).
 
 - A job with `expires_at` that is not finished by then is stopped like a cancel (pending chunks
   never run, running ones stop at their next micro-batch); the finaliser keeps every finished
@@ -38,8 +39,10 @@ def deadlines(
     return (None if after is None else now + timedelta(seconds=after)), retain
 
 
-def expire_due(ctx: Context, now: datetime | None = None) -> int:
-    """Stop the unfinished jobs whose `expires_at` has passed; returns how many."""
+def expire_due(ctx: Context, now: datetime | None = None, *, finalize: bool = True) -> int:
+    """Stop the unfinished jobs whose `expires_at` has passed; returns how many. Each is marked
+    `cancelling` with the expiry as its error; with `finalize` it is finalised here when nothing
+    of it runs, else a finaliser (`dpig dispatcher`'s thread) ends it `expired`."""
     now = now or utcnow()
     with ctx.session() as session:
         due = session.scalars(
@@ -57,7 +60,8 @@ def expire_due(ctx: Context, now: datetime | None = None) -> int:
             job.state, job.error = JobState.CANCELLING, EXPIRED_ERROR
         expired += 1
         metrics.JOBS_EXPIRED.inc()
-        maybe_finalize(ctx, job_id)  # at once when nothing runs; else once the running stop
+        if finalize:
+            maybe_finalize(ctx, job_id)  # at once when nothing runs; else once the running stop
     return expired
 
 

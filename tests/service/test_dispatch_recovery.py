@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import select, update
 
 from service.db import Chunk, Job, utcnow
-from service.dispatch import DispatchConfig, finalize_ready, tick
+from service.dispatch import DispatchConfig, finalize_ready, housekeep, tick
 from service.jobs import (
     Context,
     cancel,
@@ -189,3 +189,16 @@ def test_a_tick_without_finalisation_leaves_it_to_the_finaliser(ctx: Context) ->
     assert tick(ctx, Recorder(), _config(finalize_in_tick=False)).finalized == 0
     assert _state(ctx, job) == "running"
     assert finalize_ready(ctx) == 1 and _state(ctx, job) == "completed"
+
+
+def test_a_tick_without_finalisation_only_marks_an_expired_job(ctx: Context) -> None:
+    """Expiry finalises the job (a stream over all its shards): with `finalize_in_tick` off the
+    tick only marks it, and the finaliser thread's `housekeep` ends it `expired`."""
+    job = _submit(ctx, 2)
+    with ctx.session() as session:
+        session.execute(
+            update(Job).where(Job.id == job).values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    tick(ctx, Recorder(), _config(finalize_in_tick=False))
+    assert _state(ctx, job) == "cancelling"
+    assert housekeep(ctx) == 1 and _state(ctx, job) == "expired"

@@ -1,0 +1,1 @@
+"""The chaos soak (docs/operations.md, "Chaos soak"): service/soak/run.py."""
