@@ -162,9 +162,12 @@ def release_chunk(ctx: Context, claim: Claim, error: str | None = None) -> None:
         chunk.published_at = None  # the dispatcher publishes it again
         if error is None:
             chunk.attempts = max(0, chunk.attempts - 1)  # an interruption is not a failed attempt
-            chunk.state = (
-                ChunkState.DEAD if job_state == JobState.CANCELLING else ChunkState.PENDING
-            )
+            if job_state == JobState.CANCELLING:
+                # stopped by the cancel, not failed: an earlier attempt's error (an S3 outage,
+                # a lost worker) would otherwise count its items as failed
+                chunk.state, chunk.last_error = ChunkState.DEAD, None
+            else:
+                chunk.state = ChunkState.PENDING
         else:
             chunk.last_error = error[-2000:]
             dead = chunk.attempts >= ctx.settings.max_attempts

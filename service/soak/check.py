@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ FINAL = ("completed", "failed", "cancelled")
 class Verdict:
     jobs: int = 0
     items: int = 0  # ok items checked against the reference
-    failed_items: int = 0
+    failed_items: int = 0  # manifest rows with an error, and the items of dead chunks
+    dead_chunks: int = 0  # died after max attempts with no committed attempt
     states: Counter[str] = field(default_factory=Counter)
     stuck: int = 0
     mismatches: int = 0  # rows or objects that break a guarantee
@@ -53,13 +55,24 @@ def soak_jobs(engine: Any, tenants: list[str]) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def done_items(engine: Any, job_id: str) -> list[int]:
+def chunk_items(engine: Any, job_id: str) -> tuple[list[int], dict[int, list[int]]]:
+    """(the items of the job's done chunks, chunk index → items of each chunk that died of
+    errors with no committed attempt: those items are failed, listed in errors.jsonl only)."""
     with engine.connect() as conn:
         rows = conn.execute(
-            text("SELECT item_start, item_stop FROM chunks WHERE job_id = :job AND state = 'done'"),
+            text(
+                "SELECT index, state, output_tag, last_error, item_start, item_stop "
+                "FROM chunks WHERE job_id = :job"
+            ),
             {"job": job_id},
         ).all()
-    return sorted(i for start, stop in rows for i in range(start, stop))
+    done = sorted(i for r in rows if r.state == "done" for i in range(r.item_start, r.item_stop))
+    dead = {
+        r.index: list(range(r.item_start, r.item_stop))
+        for r in rows
+        if r.state == "dead" and r.output_tag is None and r.last_error
+    }
+    return done, dead
 
 
 class Bucket:
@@ -117,18 +130,26 @@ def check_job(
         if twice:
             verdict.problem(f"{job_id}: {what}s twice in the manifest: {twice[:5]}")
     ok = [r for r in rows if r["status"] == "ok"]
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = len(rows) - len(ok)
+    done, dead = chunk_items(engine, job_id)
+    dead_items = sum(len(items) for items in dead.values())
     verdict.items += len(ok)
-    verdict.failed_items += len(failed)
-    if (job["done_items"], job["failed_items"]) != (len(ok), len(failed)):
+    verdict.failed_items += failed + dead_items
+    verdict.dead_chunks += len(dead)
+    if (job["done_items"], job["failed_items"]) != (len(ok), failed + dead_items):
         verdict.problem(
-            f"{job_id}: counts done={job['done_items']} failed={job['failed_items']}, "
-            f"manifest ok={len(ok)} failed={len(failed)}"
+            f"{job_id}: counts done={job['done_items']} failed={job['failed_items']}, manifest "
+            f"ok={len(ok)} failed={failed}, dead chunks' items {dead_items}"
         )
+    errors = [json.loads(line) for line in (bucket.get(job_id, "errors.jsonl") or b"").splitlines()]
+    if sorted(e["chunk"] for e in errors if "chunk" in e) != sorted(dead):
+        verdict.problem(f"{job_id}: errors.jsonl does not list the dead chunks {sorted(dead)}")
     items = sorted(r["item"] for r in rows)
-    if state == "completed" and items != list(range(job["total_items"])):
-        verdict.problem(f"{job_id}: completed with {len(items)} of {job['total_items']} items")
-    if state == "cancelled" and items != done_items(engine, job_id):
+    if state == "completed":
+        listed = sorted(items + [i for chunk in dead.values() for i in chunk])
+        if listed != list(range(job["total_items"])):
+            verdict.problem(f"{job_id}: completed with {len(listed)} of {job['total_items']} items")
+    if state == "cancelled" and items != done:
         verdict.problem(f"{job_id}: the manifest does not list exactly the done chunks' items")
     marker = {"completed": "_SUCCESS", "cancelled": "_CANCELLED"}.get(state)
     if marker and bucket.get(job_id, marker) is None:

@@ -12,6 +12,7 @@ transaction (an engine hook), or a stale worker is replayed after the chunk was 
 - `retry` sends its chunks through the bounded publisher, not the lost-message sweep;
 - one dispatcher at a time (advisory lock);
 - recounts serialise, so a finished job never shows stale counts;
+- a chunk stopped by a cancel fails nothing, even after an earlier failed attempt;
 - a done chunk committed by a worker from before tags keeps its untagged shard;
 - an ambiguous submit commit (applied, then raising) keeps the live job's inputs.
 """
@@ -384,6 +385,26 @@ def test_orphans_of_a_cancelled_job_are_removed(ctx: Context) -> None:
     assert all(name.startswith("000000-") for name in names) and len(names) == 3
     summary = json.loads((_out(ctx, job) / "_CANCELLED").read_text())
     assert summary == {"items": 2, "done": 2, "failed": 0, "shards": ["shards/000000-1"]}
+
+
+def test_a_chunk_stopped_by_a_cancel_fails_nothing_after_a_failed_attempt(ctx: Context) -> None:
+    """Found by the chaos soak: a chunk whose first attempt failed (S3 down) and whose second was
+    stopped by a cancel kept the first attempt's error, so the cancelled job counted its items
+    as failed while its manifest listed none of them."""
+    job = _submit(ctx, count=4, chunk_size=2)
+    first, second = _chunk_ids(ctx, job)
+    _finish(ctx, _claim(ctx, first), b"png")
+    release_chunk(ctx, _claim(ctx, second), error="storage unavailable")
+    stopped = _claim(ctx, second)  # the retry, running when the cancel comes
+    cancel(ctx, tenant_id(ctx, "acme"), job)
+    release_chunk(ctx, stopped)  # the worker saw the cancel between micro-batches
+    assert (_chunk(ctx, second).state, _chunk(ctx, second).last_error) == ("dead", None)
+    assert maybe_finalize(ctx, job)
+    final = _job(ctx, job)
+    assert (final.state, final.done_items, final.failed_items) == ("cancelled", 2, 0)
+    rows = pq.read_table(_out(ctx, job) / "manifest.parquet").to_pylist()
+    assert [r["item"] for r in rows] == [0, 1]
+    assert (_out(ctx, job) / "errors.jsonl").read_text() == ""
 
 
 def test_a_chunk_committed_by_a_worker_from_before_tags_is_kept(ctx: Context) -> None:
