@@ -163,8 +163,9 @@ class KillWorkerChild(Fault):
 
 class StallWorker(Fault):
     """SIGSTOP of a worker (parent and children) holding a chunk's lease, past the lease, until
-    another worker has run that chunk again; then SIGCONT, so the stale attempt wakes up and
-    tries to finish its uploads and its commit (they must change nothing)."""
+    another worker has run that chunk again (or its job was paused, cancelled or finished); then
+    SIGCONT, so the stale attempt wakes up and tries to finish its uploads and its commit (they
+    must change nothing)."""
 
     name = "worker_stall"
     give_up_s = 90.0
@@ -194,9 +195,10 @@ class StallWorker(Fault):
                     {"id": self.chunk["id"]},
                 ).one()
             rerun = row.state == "done" and row.lease_token != self.chunk["lease_token"]
-            if not rerun and row.job_state not in ("cancelled", "completed", "failed"):
+            if not rerun and row.job_state in ("queued", "running"):
                 return False
-            self.outcomes["stall_rerun" if rerun else "stall_job_ended"] += 1
+            # else the job was paused, cancelled or finished meanwhile
+            self.outcomes["stall_rerun" if rerun else f"stall_job_{row.job_state}"] += 1
         else:
             log.warning("stalled chunk %s was not re-run in %g s", self.chunk, self.give_up_s)
             self.outcomes["stall_gave_up"] += 1
