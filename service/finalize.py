@@ -379,9 +379,15 @@ def _with_committed_key(batch: pa.RecordBatch, chunk: ChunkOutput) -> pa.RecordB
     return batch.set_column(where, "object", objects)
 
 
+# manifest.jsonl's keys in sorted order: rows are built in it, so that json.dumps need not sort
+_JSONL_KEYS = sorted(MANIFEST_SCHEMA.names)
+
+
 def _write_rows(batch: pa.RecordBatch, manifest: Any, errors: Any, written: Written) -> None:
-    for row in batch.to_pylist():
-        manifest.write(json.dumps(row, sort_keys=True) + "\n")
+    columns = batch.to_pydict()  # column by column: far faster than to_pylist's row dicts
+    for values in zip(*(columns[k] for k in _JSONL_KEYS), strict=True):
+        row = dict(zip(_JSONL_KEYS, values, strict=True))
+        manifest.write(json.dumps(row) + "\n")
         written.items += 1
         if row["status"] == "ok":
             written.done += 1
