@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -380,53 +379,16 @@ def _with_committed_key(batch: pa.RecordBatch, chunk: ChunkOutput) -> pa.RecordB
     return batch.set_column(where, "object", objects)
 
 
-# manifest.jsonl's keys in sorted order, split around `keypoints`, whose JSON is built apart
-_JSONL_KEYS = sorted(MANIFEST_SCHEMA.names)
-_BEFORE_KEYPOINTS = _JSONL_KEYS[: _JSONL_KEYS.index("keypoints")]
-_AFTER_KEYPOINTS = _JSONL_KEYS[_JSONL_KEYS.index("keypoints") + 1 :]
-
-
-def _keypoints_json(column: pa.Array) -> list[str] | None:
-    """Each row's keypoints as json.dumps writes them, with every distinct coordinate formatted
-    once (formatting floats was most of a manifest line's cost). None where the column holds
-    what this does not cover: null points, NaN or infinite values, negative zeros."""
-    points = pc.list_flatten(column)
-    values = pc.list_flatten(points)
-    flat = values.to_numpy(zero_copy_only=False)
-    if points.null_count or values.null_count or not np.isfinite(flat).all():
-        return None
-    if np.signbit(flat[flat == 0]).any():
-        return None
-    text = {v: repr(v) for v in np.unique(flat).tolist()}  # json.dumps writes repr(float)
-    get = text.__getitem__
-    return [
-        "null"
-        if rows is None
-        else "[" + ", ".join(["[" + ", ".join(map(get, p)) + "]" for p in rows]) + "]"
-        for rows in column.to_pylist()
-    ]
-
-
 def _write_rows(batch: pa.RecordBatch, manifest: Any, errors: Any, written: Written) -> None:
-    """Append the batch's rows to manifest.jsonl (`json.dumps(row, sort_keys=True)` each, built
-    column by column: far faster than rows from to_pylist) and its failures to errors.jsonl."""
-    columns = batch.to_pydict()
-    keypoints = _keypoints_json(batch.column("keypoints"))
-    for i, status in enumerate(columns["status"]):
-        if keypoints is None:
-            row = {k: columns[k][i] for k in _JSONL_KEYS}
-            manifest.write(json.dumps(row) + "\n")
-        else:
-            before = json.dumps({k: columns[k][i] for k in _BEFORE_KEYPOINTS})
-            after = json.dumps({k: columns[k][i] for k in _AFTER_KEYPOINTS})
-            manifest.write(f'{before[:-1]}, "keypoints": {keypoints[i]}, {after[1:]}\n')
+    for row in batch.to_pylist():
+        manifest.write(json.dumps(row, sort_keys=True) + "\n")
         written.items += 1
-        if status == "ok":
+        if row["status"] == "ok":
             written.done += 1
-        elif status == "expired":
+        elif row["status"] == "expired":
             written.expired += 1
         else:
-            line = {k: columns[k][i] for k in ("key", "item", "custom_id", "error")}
+            line = {k: row[k] for k in ("key", "item", "custom_id", "error")}
             errors.write(json.dumps(line) + "\n")
 
 

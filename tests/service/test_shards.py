@@ -1,5 +1,5 @@
-"""The shard writer's own tar (byte for byte what `tarfile` writes) and the finaliser's manifest
-lines (byte for byte `json.dumps(row, sort_keys=True)`)."""
+"""The shard writer's own tar: byte for byte what `tarfile` writes, whichever threads made the
+entries."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
-from service.finalize import Written, _write_rows
-from service.shards import MANIFEST_SCHEMA, ShardWriter, tar_end, tar_member
+from service.shards import ShardWriter, tar_end, tar_member
 from service.storage import LocalStorage
 
 
@@ -79,35 +77,3 @@ def test_entries_made_in_threads_give_the_shard_of_adds_in_order(tmp_path: Path)
             labels = json.dumps(meta, sort_keys=True).encode()
             expected += [(f"{i:010d}.png", image), (f"{i:010d}.json", labels)]
     assert tars[0] == _tarfile_bytes(expected)
-
-
-@pytest.mark.parametrize(
-    "points",
-    [
-        [[12.34, 0.0, 1.0], [63.99, 2.5, 0.0], []],  # distinct coordinates formatted once
-        [[12.34, -0.0, 1.0]],  # a negative zero, NaN, infinity: json.dumps row by row
-        [[float("nan"), 2.5, 0.0]],
-        [[float("inf"), 2.5, 0.0]],
-        None,
-    ],
-)
-def test_manifest_lines_are_json_dumps_with_sorted_keys(points: list[list[float]] | None) -> None:
-    row = dict.fromkeys(MANIFEST_SCHEMA.names)
-    rows = [
-        row | {"key": "0000000000", "item": 0, "status": "ok", "seed": 3, "bytes": 10,
-               "keypoints": points, "labels": '{"z": 1}',
-               "object": "shards/000000.tar#0000000000.png"},
-        row | {"key": "0000000001", "item": 1, "status": "error", "error": "bad \"é\"",
-               "custom_id": "c1", "keypoints": None},
-        row | {"key": "0000000002", "item": 2, "status": "expired", "keypoints": [[1.0, 2.0, 1.0]]},
-    ]  # fmt: skip
-    batch = pa.RecordBatch.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    manifest, errors, written = io.StringIO(), io.StringIO(), Written()
-    _write_rows(batch.slice(1), manifest, errors, written)  # a slice: offsets into the lists
-    _write_rows(batch.slice(0, 1), manifest, errors, written)
-    rows = batch.slice(1).to_pylist() + batch.slice(0, 1).to_pylist()
-    assert manifest.getvalue() == "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    assert json.loads(errors.getvalue()) == {
-        "key": "0000000001", "item": 1, "custom_id": "c1", "error": "bad \"é\""
-    }  # fmt: skip
-    assert (written.items, written.done, written.expired, written.failed) == (3, 1, 1, 1)
