@@ -31,13 +31,10 @@ def to_uint8_batch(images: Any) -> npt.NDArray[np.uint8]:
     import torch
 
     with torch.no_grad():
-        # the same float32 operations in the same order as to_uint8, in place in one [B, H, W, 3]
-        # buffer, which the cast and the transpose fill in one pass
-        batch, _, height, width = images.shape
-        hwc = torch.empty(
-            (batch, height, width, 3), dtype=torch.float32, device=images.device
-        ).copy_(images.detach().permute(0, 2, 3, 1))
-        hwc = hwc.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+        # the same float32 operations in the same order as to_uint8, in place: one buffer
+        scaled = images.detach().to(torch.float32, copy=True)
+        scaled = scaled.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+        hwc = scaled.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
         if hwc.device.type != "cuda":
             out: npt.NDArray[np.uint8] = hwc.cpu().numpy()
             return out
