@@ -70,7 +70,8 @@ def shared_pool(workers: int | None) -> ThreadPoolExecutor | None:
 
 @dataclass
 class Encoded:
-    """One item ready for the shard: `data`/`sha256` for an image, `error` for a failed item."""
+    """One item ready for the shard: `data`/`sha256` for an image (and what `prepare` made of
+    it), `error` for a failed item."""
 
     item: int
     meta: dict[str, Any]
@@ -78,15 +79,21 @@ class Encoded:
     data: bytes = b""
     sha256: str = ""
     error: str | None = None
+    prepared: Any = None
 
 
 Encoder = Callable[[npt.NDArray[np.uint8], OutputFormat], tuple[bytes, str]]
+# (item, image bytes, meta, name, sha256) → anything: the shard's per-item work, in the pool too
+Prepare = Callable[[int, bytes, dict[str, Any], str | None, str], Any]
+Result = tuple[bytes, str, Any]
 
 
 class OrderedEncoder:
     """Items go in with `put` or `put_error`; `ready` gives them back finished, in the same order.
 
-    With no pool, each image is encoded in `put` (the serial path). At most `max_pending` images
+    With no pool, each image is encoded in `put` (the serial path). `prepare`, if given, runs
+    right after the encoder in the same thread, so the model's thread only orchestrates; its
+    result is the item's `prepared`. At most `max_pending` images
     wait in the pool: past that, `ready` blocks on the oldest, calling `checkpoint` every
     `poll_seconds` meanwhile, so a slow encoder neither lets a lease lapse nor hides a cancel.
     `checkpoint` returns True to stop waiting (the caller stops).
@@ -99,20 +106,29 @@ class OrderedEncoder:
         *,
         max_pending: int,
         encoder: Encoder | None = None,
+        prepare: Prepare | None = None,
     ) -> None:
         self.pool, self.fmt, self.max_pending = pool, fmt, max_pending
         self.encoder = encoder or encode_and_hash
-        self._queue: deque[tuple[Encoded, Future[tuple[bytes, str]] | None]] = deque()
+        self.prepare = prepare
+        self._queue: deque[tuple[Encoded, Future[Result] | None]] = deque()
         self._images = 0
+
+    def _task(
+        self, item: int, pixels: npt.NDArray[np.uint8], meta: dict[str, Any], name: str | None
+    ) -> Result:
+        data, sha256 = self.encoder(pixels, self.fmt)
+        prepared = None if self.prepare is None else self.prepare(item, data, meta, name, sha256)
+        return data, sha256, prepared
 
     def put(
         self, item: int, pixels: npt.NDArray[np.uint8], meta: dict[str, Any], name: str | None
     ) -> None:
         if self.pool is None:  # serial: encoded here and now
-            future: Future[tuple[bytes, str]] = Future()
-            future.set_result(self.encoder(pixels, self.fmt))
+            future: Future[Result] = Future()
+            future.set_result(self._task(item, pixels, meta, name))
         else:
-            future = self.pool.submit(self.encoder, pixels, self.fmt)
+            future = self.pool.submit(self._task, item, pixels, meta, name)
         self._queue.append((Encoded(item, meta, name), future))
         self._images += 1
 
@@ -139,7 +155,7 @@ class OrderedEncoder:
             self._queue.popleft()
             if future is not None:
                 self._images -= 1
-                entry.data, entry.sha256 = future.result()
+                entry.data, entry.sha256, entry.prepared = future.result()
             yield entry
 
     def cancel(self) -> None:

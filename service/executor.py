@@ -331,11 +331,12 @@ def _sample(
                 batch, spec.seed, per_identity=spec.per_identity, fixed=fixed
             )
             images = to_uint8_batch(pipe.render(factors))
-        for row, (item, image) in enumerate(zip(batch, images, strict=True)):
+        poses = factors.rcv.tolist()  # once per micro-batch, not per item
+        for item, image, rcv in zip(batch, images, poses, strict=True):
             meta: dict[str, Any] = {"item": item, "seed": spec.seed}
             if spec.per_identity:
                 meta["identity"] = item // spec.per_identity
-            meta |= labels.sample(spec, item, factors.rcv[row], sampled, fixed_from)
+            meta |= labels.sample(spec, item, rcv, sampled, fixed_from)
             yield item, image, meta
 
 
@@ -542,7 +543,10 @@ def execute_chunk(
         content_type=fmt.content_type,
     )
     encoder = OrderedEncoder(
-        shared_pool(ctx.settings.encode_workers), fmt, max_pending=2 * pipe.batch_size
+        shared_pool(ctx.settings.encode_workers),
+        fmt,
+        max_pending=2 * pipe.batch_size,
+        prepare=writer.entry,  # the tar members and manifest row, in the pool too
     )
     beat = _Heartbeat(ctx, claim, should_stop)
 
@@ -603,8 +607,9 @@ def _make_items(
                     writer.fail(done.item, done.error, done.meta)
                     metrics.ITEMS_FAILED.labels(metrics.failure_reason(done.error)).inc()
                 else:
-                    writer.add(done.item, done.data, done.meta, done.name, done.sha256)
+                    writer.add_entry(done.prepared)  # made in the pool (writer.entry)
                 progress(1, 0 if done.error is not None else 1)
+            writer.flush()
 
     items = list(range(claim.item_start, claim.item_stop))
     since_check = 0

@@ -18,8 +18,9 @@ from dpig_core.pipeline import item_seed
 
 
 def keypoints(rcv: Any) -> list[list[float]]:
-    """[18, 3] tensor or array → JSON-ready rows, coordinates to 1/100 pixel."""
-    return [[round(float(r), 2), round(float(c), 2), float(v > 0)] for r, c, v in rcv.tolist()]
+    """[18, 3] tensor, array or nested list → JSON-ready rows, coordinates to 1/100 pixel."""
+    rows = rcv.tolist() if hasattr(rcv, "tolist") else rcv
+    return [[round(float(r), 2), round(float(c), 2), float(v > 0)] for r, c, v in rows]
 
 
 def sample(

@@ -17,7 +17,6 @@ import hashlib
 import io
 import json
 import re
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +62,42 @@ def parse_shard_key(key: str) -> tuple[int, str] | None:
     return (int(found["index"]), found["tag"] or "") if found else None
 
 
+# A shard's tar is written here, not with `tarfile`, whose header building cost more than the rest
+# of an item's bookkeeping. The bytes are those `tarfile` writes in USTAR format for a regular
+# file with mode 0644, owner 0:0 and no owner names, mtime 0 (tests/service/test_shards.py).
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads the archive to whole records
+_MODE_OWNER = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_MTIME = b"00000000000\0"
+_AFTER_CHECKSUM = (
+    b" 0"  # the checksum field's last byte (tarfile leaves its space), then type: a file
+    + b"\0" * 100  # linkname
+    + b"ustar\x0000"  # magic, version
+    + b"\0" * (32 + 32 + 16)  # uname, gname, devmajor/devminor (empty for a file)
+    + b"\0" * (155 + 12)  # prefix, padding to 512
+)
+# the checksum is the sum of the header's bytes with its own 8-byte field read as spaces
+_FIXED_SUM = sum(_MODE_OWNER) + sum(_MTIME) + 7 * ord(" ") + sum(_AFTER_CHECKSUM)
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One tar member: the USTAR header of `name` (ASCII, at most 100 bytes), `data`, and zeros
+    to the next 512-byte block."""
+    encoded = name.encode("ascii")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    size = b"%011o\0" % len(data)
+    checksum = b"%06o\0" % (_FIXED_SUM + sum(encoded) + sum(size))
+    header = (encoded.ljust(100, b"\0"), _MODE_OWNER, size, _MTIME, checksum, _AFTER_CHECKSUM)
+    return b"".join((*header, data, b"\0" * (-len(data) % TAR_BLOCK)))
+
+
+def tar_end(size: int) -> bytes:
+    """What closes an archive of `size` bytes: two zero blocks, then zeros to a whole record."""
+    size += 2 * TAR_BLOCK
+    return b"\0" * (2 * TAR_BLOCK + -size % TAR_RECORD)
+
+
 def sha256_of(handle: Any, block: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     while piece := handle.read(block):
@@ -75,10 +110,23 @@ def item_key(item: int) -> str:
     return f"{item:010d}"
 
 
+@dataclass(frozen=True)
+class ShardEntry:
+    """One made item, ready to go into a shard in item order (`ShardWriter.entry`)."""
+
+    row: dict[str, Any]
+    tar: bytes = b""  # its image and JSON members (layout=webdataset)
+    file: tuple[str, bytes] | None = None  # (object, image) for layout=files
+
+
 @dataclass
 class ShardWriter:
     """Collects one chunk's items, then writes its objects under `prefix` (the job's folder), with
-    `tag` (the attempt) in their keys. The tar grows in a temporary file, not in memory."""
+    `tag` (the attempt) in their keys. The tar grows in a temporary file, not in memory.
+
+    `entry` does an item's work (its tar members and manifest row) and may run in any thread (the
+    encode pool's); `add_entry` takes entries in item order. Tar bytes are written and hashed
+    in batches (`flush`; `write` flushes too)."""
 
     storage: Storage
     prefix: str
@@ -92,18 +140,47 @@ class ShardWriter:
 
     def __post_init__(self) -> None:
         self._tar = tempfile.NamedTemporaryFile(prefix="dpig-shard-", suffix=".tar")
-        self._archive = tarfile.open(fileobj=self._tar, mode="w", format=tarfile.USTAR_FORMAT)
+        self._tar_size = 0
+        self._tar_sha256 = hashlib.sha256()  # as it grows: the file is not read back
+        self._pending: list[bytes] = []
 
     @property
     def name(self) -> str:
         return shard_name(self.index, self.tag)
 
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._archive.addfile(info, io.BytesIO(data))
+    def entry(
+        self,
+        item: int,
+        image: bytes,
+        meta: dict[str, Any],
+        name: str | None = None,
+        sha256: str | None = None,
+    ) -> ShardEntry:
+        """A generated image's entry (`sha256`: its hash, if the encode pool made it already);
+        `name` is its file name in `layout=files` (default: the key). Changes nothing here."""
+        key = item_key(item)
+        digest = sha256 or hashlib.sha256(image).hexdigest()
+        if self.layout == "files":
+            obj = f"images/{name or f'{key}.{self.extension}'}"
+        else:
+            # the attempt-free name: the shard's bytes are the same whichever attempt made
+            # them; the finaliser writes the committed attempt's key into the manifest
+            obj = f"{shard_name(self.index)}.tar#{key}.{self.extension}"
+        row = self._row(item, "ok", None, meta)
+        row.update(object=obj, sha256=digest, bytes=len(image))
+        if self.layout == "files":
+            return ShardEntry(row, file=(obj, image))
+        labels = json.dumps(meta, sort_keys=True).encode()
+        members = tar_member(f"{key}.{self.extension}", image) + tar_member(f"{key}.json", labels)
+        return ShardEntry(row, tar=members)
+
+    def add_entry(self, entry: ShardEntry) -> None:
+        """The next item's entry, in item order."""
+        self.rows.append(entry.row)
+        if entry.file is not None:
+            self._files.append(entry.file)
+        elif entry.tar:
+            self._pending.append(entry.tar)
 
     def add(
         self,
@@ -113,23 +190,18 @@ class ShardWriter:
         name: str | None = None,
         sha256: str | None = None,
     ) -> None:
-        """A generated image (`sha256`: its hash, if the encode pool made it already); `name` is
-        its file name in `layout=files` (default: the key)."""
-        key = item_key(item)
-        if self.layout == "files":
-            obj = f"images/{name or f'{key}.{self.extension}'}"
-            self._files.append((obj, image))
-        else:
-            # the attempt-free name: the shard's bytes are the same whichever attempt made
-            # them; the finaliser writes the committed attempt's key into the manifest
-            obj = f"{shard_name(self.index)}.tar#{key}.{self.extension}"
-            self._add(f"{key}.{self.extension}", image)
-            self._add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        digest = sha256 or hashlib.sha256(image).hexdigest()
-        self.rows.append(
-            self._row(item, "ok", None, meta)
-            | {"object": obj, "sha256": digest, "bytes": len(image)}
-        )
+        """`add_entry(entry(...))`: a generated image, made in this thread."""
+        self.add_entry(self.entry(item, image, meta, name, sha256))
+
+    def flush(self) -> None:
+        """Write and hash the tar bytes added since the last flush: once per batch of items, not
+        per item (each write and hash lets go of the GIL, which the encode pool then holds)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._tar.write(data)
+            self._tar_sha256.update(data)
+            self._tar_size += len(data)
 
     def fail(self, item: int, error: str, meta: dict[str, Any]) -> None:
         """An item that could not be made (a corrupt source, no person found, ...)."""
@@ -183,10 +255,11 @@ class ShardWriter:
                 for obj, data in self._files:
                     self.storage.put_bytes(self.prefix + obj, data, self.content_type)
             else:
-                self._archive.close()
+                self.flush()
+                self._pending.append(tar_end(self._tar_size))
+                self.flush()
                 self._tar.flush()
-                self._tar.seek(0)
-                marker["tar_sha256"] = sha256_of(self._tar)
+                marker["tar_sha256"] = self._tar_sha256.hexdigest()
                 self.storage.put_file(f"{self.prefix}{self.name}.tar", self._tar.name)
         finally:
             self.close()
