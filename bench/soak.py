@@ -68,6 +68,7 @@ def main() -> int:
         "jobs": dict(summary.verdict.states),
         "items": summary.verdict.items,
         "failed_items": summary.verdict.failed_items,
+        "dead_chunks": dict(summary.verdict.dead_chunks),  # last error → how many
         "stuck": summary.verdict.stuck,
         "mismatches": summary.verdict.mismatches,
         "problems": summary.verdict.problems,
@@ -75,6 +76,8 @@ def main() -> int:
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for problem in summary.verdict.problems:
         print(f"problem: {problem}")
+    for error, count in summary.verdict.dead_chunks.items():
+        print(f"dead chunks ({count}): {error}")
     print(summary.line())
     return 0 if summary.ok else 1
 

@@ -30,7 +30,8 @@ class Verdict:
     jobs: int = 0
     items: int = 0  # ok items checked against the reference
     failed_items: int = 0  # manifest rows with an error, and the items of dead chunks
-    dead_chunks: int = 0  # died after max attempts with no committed attempt
+    # last error → chunks that died after max attempts with no committed attempt
+    dead_chunks: Counter[str] = field(default_factory=Counter)
     states: Counter[str] = field(default_factory=Counter)
     stuck: int = 0
     mismatches: int = 0  # rows or objects that break a guarantee
@@ -55,9 +56,9 @@ def soak_jobs(engine: Any, tenants: list[str]) -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
-def chunk_items(engine: Any, job_id: str) -> tuple[list[int], dict[int, list[int]]]:
-    """(the items of the job's done chunks, chunk index → items of each chunk that died of
-    errors with no committed attempt: those items are failed, listed in errors.jsonl only)."""
+def chunk_items(engine: Any, job_id: str) -> tuple[list[int], dict[int, tuple[list[int], str]]]:
+    """(the items of the job's done chunks, chunk index → (items, last error) of each chunk that
+    died of errors with no committed attempt: its items are failed, in errors.jsonl only)."""
     with engine.connect() as conn:
         rows = conn.execute(
             text(
@@ -68,7 +69,7 @@ def chunk_items(engine: Any, job_id: str) -> tuple[list[int], dict[int, list[int
         ).all()
     done = sorted(i for r in rows if r.state == "done" for i in range(r.item_start, r.item_stop))
     dead = {
-        r.index: list(range(r.item_start, r.item_stop))
+        r.index: (list(range(r.item_start, r.item_stop)), str(r.last_error))
         for r in rows
         if r.state == "dead" and r.output_tag is None and r.last_error
     }
@@ -132,10 +133,10 @@ def check_job(
     ok = [r for r in rows if r["status"] == "ok"]
     failed = len(rows) - len(ok)
     done, dead = chunk_items(engine, job_id)
-    dead_items = sum(len(items) for items in dead.values())
+    dead_items = sum(len(items) for items, _ in dead.values())
     verdict.items += len(ok)
     verdict.failed_items += failed + dead_items
-    verdict.dead_chunks += len(dead)
+    verdict.dead_chunks.update(error for _, error in dead.values())
     if (job["done_items"], job["failed_items"]) != (len(ok), failed + dead_items):
         verdict.problem(
             f"{job_id}: counts done={job['done_items']} failed={job['failed_items']}, manifest "
@@ -146,7 +147,7 @@ def check_job(
         verdict.problem(f"{job_id}: errors.jsonl does not list the dead chunks {sorted(dead)}")
     items = sorted(r["item"] for r in rows)
     if state == "completed":
-        listed = sorted(items + [i for chunk in dead.values() for i in chunk])
+        listed = sorted(items + [i for chunk, _ in dead.values() for i in chunk])
         if listed != list(range(job["total_items"])):
             verdict.problem(f"{job_id}: completed with {len(listed)} of {job['total_items']} items")
     if state == "cancelled" and items != done:

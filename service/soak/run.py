@@ -62,7 +62,8 @@ class Summary:
         return (
             f"soak seconds={self.seconds:.0f} faults={sum(self.faults.values())} ({faults}) "
             f"outcomes=({outcomes}) actions=({actions}) jobs={v.jobs} ({states}) items={v.items} "
-            f"failed_items={v.failed_items} dead_chunks={v.dead_chunks} stuck={v.stuck} "
+            f"failed_items={v.failed_items} dead_chunks={sum(v.dead_chunks.values())} "
+            f"stuck={v.stuck} "
             f"mismatches={v.mismatches}"
         )
 
