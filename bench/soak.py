@@ -65,6 +65,7 @@ def main() -> int:
         "seed": args.seed,
         "faults": dict(summary.faults),
         "actions": dict(summary.actions),
+        "refused": dict(summary.refused),
         "jobs": dict(summary.verdict.states),
         "items": summary.verdict.items,
         "failed_items": summary.verdict.failed_items,

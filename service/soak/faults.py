@@ -60,10 +60,15 @@ class _Outage(Fault):
     kill = False
     down_s = (1.0, 3.0)
 
+    def _target(self, free: list[str]) -> str | None:
+        return self.process if self.process in free else None
+
     def begin(self, free: list[str]) -> bool:
-        if self.process not in free:
+        target = self._target(free)
+        if target is None:
             return False
-        self.busy = {self.process}
+        self.process = target
+        self.busy = {target}
         self.down_for = self.rng.uniform(*self.down_s)
         if self.kill:
             self.stack.kill(self.process)
@@ -117,30 +122,14 @@ class FlushRedis(Fault):
         return True
 
 
-class KillWorker(Fault):
+class KillWorker(_Outage):
     """SIGKILL of a worker's parent and its children (a node lost), restarted after a while."""
 
-    name = "worker_kill"
+    name, kill, down_s = "worker_kill", True, (0.0, 3.0)
 
-    def begin(self, free: list[str]) -> bool:
+    def _target(self, free: list[str]) -> str | None:
         workers = [w for w in self.stack.worker_names if w in free and self.stack.running(w)]
-        if not workers:
-            return False
-        self.worker = self.rng.choice(workers)
-        self.busy = {self.worker}
-        self.down_for = self.rng.uniform(0.0, 3.0)
-        self.stack.kill(self.worker)
-        return True
-
-    def advance(self) -> bool:
-        if not self._after(self.down_for):
-            return False
-        self.heal()
-        return True
-
-    def heal(self) -> None:
-        if not self.stack.running(self.worker):
-            self.stack.start(self.worker)
+        return self.rng.choice(workers) if workers else None
 
 
 class KillWorkerChild(Fault):

@@ -46,6 +46,7 @@ class Summary:
     seconds: float
     faults: Counter[str]
     actions: Counter[str]
+    refused: Counter[str]  # tenant calls that failed (an outage) or were refused (a 409)
     verdict: Verdict
     outcomes: Counter[str] = field(default_factory=Counter)  # e.g. how stalls ended
 
@@ -61,7 +62,8 @@ class Summary:
         states = ",".join(f"{k}={n}" for k, n in sorted(v.states.items()))
         return (
             f"soak seconds={self.seconds:.0f} faults={sum(self.faults.values())} ({faults}) "
-            f"outcomes=({outcomes}) actions=({actions}) jobs={v.jobs} ({states}) items={v.items} "
+            f"outcomes=({outcomes}) actions=({actions}) "
+            f"refused={sum(self.refused.values())} jobs={v.jobs} ({states}) items={v.items} "
             f"failed_items={v.failed_items} dead_chunks={sum(v.dead_chunks.values())} "
             f"stuck={v.stuck} "
             f"mismatches={v.mismatches}"
@@ -209,7 +211,9 @@ def run_soak(stack: LocalStack, config: SoakConfig, say: Any = print) -> Summary
         for job in soak_jobs(engine, names):
             if job["seed"] in references:  # the references themselves are jobs too
                 check_job(verdict, job, references[job["seed"]], bucket, engine)
-        return Summary(chaos_s, chaos.faults, tenants.actions, verdict, chaos.outcomes)
+        return Summary(
+            chaos_s, chaos.faults, tenants.actions, tenants.refused, verdict, chaos.outcomes
+        )
     finally:
         for tenant in tenants.tenants:
             tenant.client.close()
