@@ -25,11 +25,6 @@ ACTIVE = ("queued", "running", "paused", "finalizing", "cancelling")
 ACTIONS = {"submit": 6.0, "cancel": 1.0, "pause": 1.5, "resume": 3.0, "retry": 1.0}
 
 
-def _keypoints(rcv: Any) -> list[list[float]]:
-    """A dataset's rcv [18, 3] → the API's keypoints (missing joints as (0, 0, 0))."""
-    return [[float(r), float(c), 1.0] if v > 0 else [0.0, 0.0, 0.0] for r, c, v in rcv.tolist()]
-
-
 def upload_sources(stack: LocalStack, workdir: Path) -> list[dict[str, Any]]:
     """SOURCES synthetic people (Market-1501 format) under the bucket's shared `sources/`, as
     ImageRef dicts with their true keypoints."""
@@ -48,7 +43,9 @@ def upload_sources(stack: LocalStack, workdir: Path) -> list[dict[str, Any]]:
     for k, record in enumerate(records):
         key = f"{prefix}person-{k}{record.path.suffix}"
         s3.put_object(Bucket=BUCKET, Key=key, Body=record.path.read_bytes())
-        refs.append({"uri": f"s3://{BUCKET}/{key}", "keypoints": _keypoints(record.rcv)})
+        assert record.rcv is not None  # filtered above
+        # (row, col, visible) as the dataset has them: missing joints are (-1, -1, 0)
+        refs.append({"uri": f"s3://{BUCKET}/{key}", "keypoints": record.rcv.tolist()})
     return refs
 
 
