@@ -494,16 +494,23 @@ class _Interrupted(Exception):
 class _Heartbeat:
     """Called between micro-batches and between groups of source reads: raises _Interrupted
     when the chunk should stop or has lost its lease, and renews the lease once a third of it
-    has passed, so a long chunk (or a long load) is not taken for a lost one."""
+    has passed, so a long chunk (or a long load) is not taken for a lost one.
+
+    `should_stop` (a database query) runs at most every `stop_check_seconds`, or when `force`d:
+    a pause or cancel is seen within that time plus one micro-batch."""
 
     ctx: Context
     claim: Claim
     should_stop: StopCheck
     renewed: float = field(default_factory=time.monotonic)
+    checked: float = field(default_factory=time.monotonic)
 
-    def __call__(self) -> None:
-        if self.should_stop():
-            raise _Interrupted("stopped")
+    def __call__(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.checked >= self.ctx.settings.stop_check_seconds:
+            self.checked = now
+            if self.should_stop():
+                raise _Interrupted("stopped")
         if time.monotonic() - self.renewed > self.ctx.settings.lease_seconds / 3:
             if not renew_lease(self.ctx, self.claim):
                 raise _Interrupted("lost_lease")  # someone else owns the chunk now
@@ -522,10 +529,10 @@ def execute_chunk(
     item's fault propagate (the caller releases the lease as a failed attempt).
 
     Between micro-batches and between groups of source reads: stop (lease handed back, no
-    commit) when `should_stop()` says so, and renew the lease once a third of it has passed, so
-    a long chunk is not taken for a lost one. The encode pool compresses micro-batch k while the
-    model runs k+1; waiting on it runs the same checks (`OrderedEncoder.ready`), and they run
-    once more after the last image.
+    commit) when `should_stop()` says so (asked at most every `stop_check_seconds`), and renew
+    the lease once a third of it has passed, so a long chunk is not taken for a lost one. The
+    encode pool compresses micro-batch k while the model runs k+1; waiting on it runs the same
+    checks (`OrderedEncoder.ready`), and they run once more after the last image.
     """
     started = time.perf_counter()
     job = job_row(ctx, claim.job_id)
@@ -625,4 +632,4 @@ def _make_items(
             write_ready(drain=False)
             beat()
     write_ready(drain=True)
-    beat()
+    beat(force=True)

@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     device: str | None = None
     max_attempts: int = Field(default=5, ge=1)
     lease_seconds: int = Field(default=300, ge=1)
+    # a running chunk asks whether its job was paused or cancelled at most this often (and once
+    # more before its commit): one query per micro-batch would be ~16/s per GPU worker
+    stop_check_seconds: float = Field(default=1.0, ge=0, le=60)
     # threads that encode and hash images beside the model; None: the container's CPU quota;
     # 0: encode in the model's thread, one image after another (no overlap)
     encode_workers: int | None = Field(default=None, ge=0, le=256)

@@ -184,12 +184,13 @@ def test_loading_sources_checks_for_stop_and_renews_the_lease(
         return real_read(ctx, uri, **kw)
 
     monkeypatch.setattr(executor, "read_uri", counted)
+    monkeypatch.setattr(ctx.settings, "stop_check_seconds", 0)  # every beat asks
     job = submit(ctx, tenant_id(ctx), _grid_spec(folder, keypoints, poses=2, chunk_size=12))
     claim = claim_chunk(ctx, "w", job_id=job.id)
     assert claim is not None
-    made: list[int] = []
+    made: list[tuple[int, int]] = []
     outcome = executor.execute_chunk(
-        ctx, claim, pipes, should_stop=lambda: bool(reads), progress=made.append
+        ctx, claim, pipes, should_stop=lambda: bool(reads), progress=lambda *n: made.append(n)
     )
     assert (outcome.state, made, len(reads)) == ("stopped", [], 2)
 
@@ -201,6 +202,32 @@ def test_loading_sources_checks_for_stop_and_renews_the_lease(
     reads.clear()
     assert executor.execute_chunk(ctx, claim, pipes).state == "committed"
     assert len(reads) == 6 and len(renewed) >= 3  # one per group of 2 sources, at least
+
+
+@pytest.mark.parametrize(("every", "asked"), [(0.0, 4 + 1), (3600.0, 1)])
+def test_the_stop_check_runs_at_most_every_stop_check_seconds_and_before_the_commit(
+    ctx: Context, pipes: PipelineCache, monkeypatch: pytest.MonkeyPatch, every: float, asked: int
+) -> None:
+    """The pause/cancel query runs between micro-batches only once `stop_check_seconds` have
+    passed (at GPU rates, one per micro-batch would be many per second per worker), and always
+    once more after the last image, so a stop before the commit is still seen."""
+    from service.executor import execute_chunk
+    from service.jobs import claim_chunk
+
+    monkeypatch.setattr(ctx.settings, "stop_check_seconds", every)
+    job = submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 32}))  # 4 batches
+    claim = claim_chunk(ctx, "w", job_id=job.id)
+    assert claim is not None
+    checks: list[int] = []
+    outcome = execute_chunk(ctx, claim, pipes, should_stop=lambda: bool(checks.append(1)))
+    assert (outcome.state, outcome.done, len(checks)) == ("committed", 32, asked)
+
+    claim = claim_chunk(
+        ctx, "w", job_id=submit(ctx, tenant_id(ctx), parse_spec({"kind": "sample", "count": 32})).id
+    )
+    assert claim is not None
+    stopped = execute_chunk(ctx, claim, pipes, should_stop=lambda: True)
+    assert stopped.state == "stopped"  # the last check still stops a chunk before its commit
 
 
 @pytest.mark.parametrize("error", ["storage", "soft_time_limit"])
