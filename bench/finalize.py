@@ -2,12 +2,13 @@
 a local folder).
 
 Builds the job without a model: one committed shard per chunk of 1,024 items (a real parquet of
-manifest rows, a small tar and a done marker with their SHA-256, under the attempt-tagged keys),
+manifest rows, their manifest lines as a worker makes them (`--without-lines`: as a worker from
+before them), a small tar and a done marker with their SHA-256, under the attempt-tagged keys),
 then finalises it in a fresh process (so the build does not count) and reports that process's
 peak resident memory and the finalisation's wall time. The finaliser streams: memory should not
 grow with the job.
 
-    python bench/finalize.py --items 10000000
+    python bench/finalize.py --items 10000000 [--without-lines]
 Last line: peak_rss_mib=<n> seconds=<s>.
 """
 
@@ -29,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "0123456789abcdef"
+# what a sampled person's row carries: 18 keypoints to 1/100 pixel, and its z seeds
+KEYPOINTS = [[round(11.37 * j % 128, 2), round(7.93 * j % 64, 2), 1.0] for j in range(18)]
+LABELS = json.dumps({"fixed": {}, "z_seeds": {"bg": 2**62 + 1, "fg": 2**62 + 3, "pose": 2**61}})
 
 
 def _settings(work: Path) -> object:
@@ -53,14 +57,14 @@ def _tar() -> bytes:
     return sink.getvalue()
 
 
-def build(work: Path, items: int, chunk_size: int) -> str:
+def build(work: Path, items: int, chunk_size: int, *, lines: bool = True) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sqlalchemy import update
 
     from service.db import Chunk, Job
     from service.jobs import job_prefix, open_context, submit, tenant_id
-    from service.shards import MANIFEST_SCHEMA, item_key, shard_name
+    from service.shards import MANIFEST_SCHEMA, item_key, manifest_line, shard_name
     from service.specs import parse_spec
 
     ctx = open_context(_settings(work), embedded=True)  # type: ignore[arg-type]
@@ -78,12 +82,15 @@ def build(work: Path, items: int, chunk_size: int) -> str:
             {
                 "key": keys,
                 "item": list(range(start, stop)),
+                "custom_id": [None] * n,
                 "status": ["ok"] * n,
                 "error": [None] * n,
                 "source": [None] * n,
                 "pose": [None] * n,
                 "identity": [None] * n,
                 "seed": [1] * n,
+                "keypoints": [KEYPOINTS] * n,
+                "labels": [LABELS] * n,
                 "object": [f"{shard_name(index)}.tar#{k}.png" for k in keys],
                 "sha256": [hashlib.sha256(k.encode()).hexdigest() for k in keys],
                 "bytes": [1024] * n,
@@ -104,6 +111,10 @@ def build(work: Path, items: int, chunk_size: int) -> str:
             "tar_sha256": tar_sha,
             "parquet_sha256": hashlib.sha256(parquet).hexdigest(),
         }
+        if lines:
+            jsonl = b"".join(manifest_line(row) for row in table.to_pylist())
+            Path(f"{name}.jsonl").write_bytes(jsonl)
+            marker["jsonl_sha256"] = hashlib.sha256(jsonl).hexdigest()
         Path(f"{name}.done.json").write_text(json.dumps(marker, sort_keys=True))
     with ctx.session() as session:
         session.execute(
@@ -136,6 +147,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000_000)
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument(
+        "--without-lines", action="store_true", help="shards as workers made them before lines"
+    )
     parser.add_argument("--finalize", nargs=2, metavar=("WORK", "JOB"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.finalize:
@@ -144,7 +158,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="dpig-finalize-bench-"))
     try:
         started = time.perf_counter()
-        job = build(work, args.items, args.chunk_size)
+        job = build(work, args.items, args.chunk_size, lines=not args.without_lines)
         built = time.perf_counter() - started
         out = subprocess.run(
             [sys.executable, __file__, "--finalize", str(work), job],
@@ -159,7 +173,7 @@ def main() -> None:
             f"items={args.items} chunks={-(-args.items // args.chunk_size)} "  # noqa: T201
             f"build_seconds={built:.0f} manifest_mib={manifest.stat().st_size / 2**20:.1f}"
         )
-        print(f"peak_rss_mib={result['peak_rss_mib']} seconds={result['seconds']:.0f}")  # noqa: T201
+        print(f"peak_rss_mib={result['peak_rss_mib']} seconds={result['seconds']:.1f}")  # noqa: T201
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -241,15 +241,23 @@ def _rerun_corrupt(
     return False
 
 
-def _checked_parquet(storage: Storage, prefix: str, chunk: ChunkOutput) -> bytes | str:
-    """The committed attempt's parquet, or why its shard cannot be trusted."""
+def _checked_shard(
+    storage: Storage, prefix: str, chunk: ChunkOutput
+) -> tuple[bytes, bytes | None] | str:
+    """The committed attempt's parquet and manifest lines (None from a worker that did not make
+    them), or why its shard cannot be trusted."""
     assert chunk.tag is not None
     name = prefix + shard_name(chunk.index, chunk.tag)
+    lines = None
     try:
         marker = json.loads(storage.get_bytes(name + ".done.json"))
         parquet = storage.get_bytes(name + ".parquet")
         if sha256_of(io.BytesIO(parquet)) != marker.get("parquet_sha256"):
             return f"{name}.parquet does not match its done marker's sha256"
+        if "jsonl_sha256" in marker:
+            lines = storage.get_bytes(name + ".jsonl")
+            if sha256_of(io.BytesIO(lines)) != marker["jsonl_sha256"]:
+                return f"{name}.jsonl does not match its done marker's sha256"
         if "tar_sha256" in marker:
             with storage.open_read(name + ".tar") as tar:
                 if sha256_of(tar) != marker["tar_sha256"]:
@@ -258,7 +266,7 @@ def _checked_parquet(storage: Storage, prefix: str, chunk: ChunkOutput) -> bytes
         return f"shard object missing: {exc}"
     except ValueError as exc:
         return f"{name}.done.json is not valid JSON: {exc}"
-    return parquet
+    return parquet, lines
 
 
 def write_outputs(
@@ -278,7 +286,7 @@ def write_outputs(
     written = Written()
     with (
         tempfile.NamedTemporaryFile(suffix=".parquet") as parquet_file,
-        tempfile.NamedTemporaryFile("w", suffix=".jsonl") as manifest,
+        tempfile.NamedTemporaryFile("wb", suffix=".jsonl") as manifest,
         tempfile.NamedTemporaryFile("w", suffix=".jsonl") as errors,
     ):
         writer = pq.ParquetWriter(parquet_file.name, MANIFEST_SCHEMA)
@@ -297,15 +305,21 @@ def write_outputs(
                     line = {"chunk": chunk.index, "error": chunk.last_error or "unknown"}
                     errors.write(json.dumps(line) + "\n")
                 continue
-            checked = _checked_parquet(storage, prefix, chunk)
+            checked = _checked_shard(storage, prefix, chunk)
             if isinstance(checked, str):
                 written.corrupt[chunk.chunk_id] = checked
                 continue
-            for batch in pq.ParquetFile(io.BytesIO(checked)).iter_batches(batch_size=4096):
+            parquet, lines = checked
+            for batch in pq.ParquetFile(io.BytesIO(parquet)).iter_batches(batch_size=4096):
                 batch = _with_committed_key(batch, chunk)
-                _write_rows(batch, manifest, errors, written)
+                if lines is None:
+                    _write_rows(batch, manifest, errors, written)
+                else:
+                    _count_rows(batch, errors, written)
                 pending.append(batch)
                 pending_rows += batch.num_rows
+            if lines is not None:
+                manifest.write(_with_committed_object(lines, chunk))
             if pending_rows >= ROW_GROUP_ROWS:
                 writer.write_table(pa.Table.from_batches(pending, MANIFEST_SCHEMA))
                 pending, pending_rows = [], 0
@@ -379,17 +393,44 @@ def _with_committed_key(batch: pa.RecordBatch, chunk: ChunkOutput) -> pa.RecordB
     return batch.set_column(where, "object", objects)
 
 
+def _with_committed_object(lines: bytes, chunk: ChunkOutput) -> bytes:
+    """A shard's manifest lines with the committed attempt's tar in `object`. A JSON string
+    escapes its quotes, so `"object": "` can only be that key."""
+    if not chunk.tag:
+        return lines
+    free, tagged = shard_name(chunk.index), shard_name(chunk.index, chunk.tag)
+    return lines.replace(f'"object": "{free}.tar#'.encode(), f'"object": "{tagged}.tar#'.encode())
+
+
 def _write_rows(batch: pa.RecordBatch, manifest: Any, errors: Any, written: Written) -> None:
+    """Rows of a shard without manifest lines (an older worker's), or of unmade chunks."""
     for row in batch.to_pylist():
-        manifest.write(json.dumps(row, sort_keys=True) + "\n")
+        manifest.write(json.dumps(row, sort_keys=True).encode() + b"\n")
         written.items += 1
         if row["status"] == "ok":
             written.done += 1
         elif row["status"] == "expired":
             written.expired += 1
         else:
-            line = {k: row[k] for k in ("key", "item", "custom_id", "error")}
-            errors.write(json.dumps(line) + "\n")
+            _write_error(row, errors)
+
+
+def _count_rows(batch: pa.RecordBatch, errors: Any, written: Written) -> None:
+    """What `_write_rows` does but the manifest lines, column-wise: only failed rows are read."""
+    status = batch.column("status")
+    ok, expired = pc.equal(status, "ok"), pc.equal(status, "expired")
+    written.items += batch.num_rows
+    written.done += pc.sum(ok).as_py() or 0
+    written.expired += pc.sum(expired).as_py() or 0
+    failed = pc.invert(pc.or_(ok, expired))
+    if pc.any(failed).as_py():
+        for row in batch.filter(failed).to_pylist():
+            _write_error(row, errors)
+
+
+def _write_error(row: dict[str, Any], errors: Any) -> None:
+    line = {k: row[k] for k in ("key", "item", "custom_id", "error")}
+    errors.write(json.dumps(line) + "\n")
 
 
 def delete_orphans(storage: Storage, prefix: str, chunks: list[ChunkOutput]) -> int:

@@ -1,8 +1,10 @@
 """Job outputs (DESIGN §4): one shard per chunk, then a manifest written by the finaliser.
 
 A shard is `shards/NNNNNN-<tag>.tar` (WebDataset: `<key>.<png|webp|jpg>` + `<key>.json` per
-item), `shards/NNNNNN-<tag>.parquet` (one row per item, failed ones included) and
-`shards/NNNNNN-<tag>.done.json` (the commit marker: counts and the SHA-256 of the other two).
+item), `shards/NNNNNN-<tag>.parquet` (one row per item, failed ones included), the same rows as
+the lines of `manifest.jsonl` (`shards/NNNNNN-<tag>.jsonl`, made beside the encoder so that the
+finaliser only copies them) and `shards/NNNNNN-<tag>.done.json` (the commit marker: counts and
+the SHA-256 of the others).
 `<tag>` names the attempt that wrote it; the chunk's commit records which attempt is canonical,
 so objects of a committed attempt are never written again (a stale attempt writes its own keys).
 With `layout=files` each image is its own object under `images/` instead of the tar (untagged:
@@ -21,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -52,7 +55,7 @@ def shard_name(index: int, tag: str = "") -> str:
 
 
 SHARD_KEY = re.compile(
-    r"shards/(?P<index>\d{6})(?:-(?P<tag>[0-9a-f]+))?\.(?:tar|parquet|done\.json)"
+    r"shards/(?P<index>\d{6})(?:-(?P<tag>[0-9a-f]+))?\.(?:tar|parquet|jsonl|done\.json)"
 )
 
 
@@ -105,6 +108,14 @@ def sha256_of(handle: Any, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def manifest_line(row: dict[str, Any]) -> bytes:
+    """A manifest row as its `manifest.jsonl` line: the JSON the finaliser would make of the row
+    read back from the shard's parquet (keypoints as float32, keys sorted)."""
+    if row["keypoints"] is not None:
+        row = row | {"keypoints": np.asarray(row["keypoints"], np.float32).tolist()}
+    return json.dumps(row, sort_keys=True).encode() + b"\n"
+
+
 def item_key(item: int) -> str:
     """WebDataset keys may not contain dots; zero-padded so that keys sort in item order."""
     return f"{item:010d}"
@@ -115,6 +126,7 @@ class ShardEntry:
     """One made item, ready to go into a shard in item order (`ShardWriter.entry`)."""
 
     row: dict[str, Any]
+    line: bytes  # the row's manifest.jsonl line
     tar: bytes = b""  # its image and JSON members (layout=webdataset)
     file: tuple[str, bytes] | None = None  # (object, image) for layout=files
 
@@ -137,6 +149,7 @@ class ShardWriter:
     content_type: str = "image/png"
     rows: list[dict[str, Any]] = field(default_factory=list)
     _files: list[tuple[str, bytes]] = field(default_factory=list)
+    _lines: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._tar = tempfile.NamedTemporaryFile(prefix="dpig-shard-", suffix=".tar")
@@ -168,15 +181,17 @@ class ShardWriter:
             obj = f"{shard_name(self.index)}.tar#{key}.{self.extension}"
         row = self._row(item, "ok", None, meta)
         row.update(object=obj, sha256=digest, bytes=len(image))
+        line = manifest_line(row)
         if self.layout == "files":
-            return ShardEntry(row, file=(obj, image))
+            return ShardEntry(row, line, file=(obj, image))
         labels = json.dumps(meta, sort_keys=True).encode()
         members = tar_member(f"{key}.{self.extension}", image) + tar_member(f"{key}.json", labels)
-        return ShardEntry(row, tar=members)
+        return ShardEntry(row, line, tar=members)
 
     def add_entry(self, entry: ShardEntry) -> None:
         """The next item's entry, in item order."""
         self.rows.append(entry.row)
+        self._lines.append(entry.line)
         if entry.file is not None:
             self._files.append(entry.file)
         elif entry.tar:
@@ -205,7 +220,9 @@ class ShardWriter:
 
     def fail(self, item: int, error: str, meta: dict[str, Any]) -> None:
         """An item that could not be made (a corrupt source, no person found, ...)."""
-        self.rows.append(self._row(item, "error", error, meta))
+        row = self._row(item, "error", error, meta)
+        self.rows.append(row)
+        self._lines.append(manifest_line(row))
 
     @staticmethod
     def _row(item: int, status: str, error: str | None, meta: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +280,9 @@ class ShardWriter:
                 self.storage.put_file(f"{self.prefix}{self.name}.tar", self._tar.name)
         finally:
             self.close()
+        lines = b"".join(self._lines)
+        self.storage.put_bytes(f"{self.prefix}{self.name}.jsonl", lines, "application/jsonl")
+        marker["jsonl_sha256"] = hashlib.sha256(lines).hexdigest()
         table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
         sink = io.BytesIO()
         pq.write_table(table, sink)

@@ -176,7 +176,7 @@ def test_same_spec_and_seed_give_byte_identical_shards(
     assert first["id"] != second["id"]
     a, b = shard_bytes(job_dir(home, first)), shard_bytes(job_dir(home, second))
     assert sorted(a) == [
-        f"00000{i}-1.{ext}" for i in (0, 1) for ext in ("done.json", "parquet", "tar")
+        f"00000{i}-1.{ext}" for i in (0, 1) for ext in ("done.json", "jsonl", "parquet", "tar")
     ]
     assert a == b
     assert (job_dir(home, first) / "manifest.parquet").read_bytes() == (
@@ -365,7 +365,8 @@ def test_download_copies_every_object(home: Path, tmp_path: Path) -> None:
     source = job_dir(home, job)
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == files
-    assert result["files"] == len(files) == 3 * 3 + 5  # 3 shards, job.json, manifests, marker
+    # 3 shards of 4 objects, then job.json, the manifests and the marker
+    assert result["files"] == len(files) == 3 * 4 + 5
     for rel in files:
         assert (out / rel).read_bytes() == (source / rel).read_bytes()
     assert result["bytes"] == sum((source / rel).stat().st_size for rel in files)

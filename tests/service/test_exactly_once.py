@@ -166,6 +166,7 @@ def test_a_stale_worker_never_changes_a_committed_chunk(ctx: Context) -> None:
     # the stale attempt's objects were orphans: swept by the finaliser
     assert sorted(p.name for p in (out / "shards").iterdir()) == [
         f"000000-{fresh.tag}.done.json",
+        f"000000-{fresh.tag}.jsonl",
         f"000000-{fresh.tag}.parquet",
         f"000000-{fresh.tag}.tar",
     ]
@@ -174,7 +175,7 @@ def test_a_stale_worker_never_changes_a_committed_chunk(ctx: Context) -> None:
     after = _tree(out)
     assert {k: v for k, v in after.items() if k in before} == before
     assert set(after) - set(before) == {
-        f"shards/000000-{stale.tag}.{ext}" for ext in ("tar", "parquet", "done.json")
+        f"shards/000000-{stale.tag}.{ext}" for ext in ("tar", "parquet", "jsonl", "done.json")
     }
 
 
@@ -382,7 +383,7 @@ def test_orphans_of_a_cancelled_job_are_removed(ctx: Context) -> None:
     assert maybe_finalize(ctx, job)
     assert _job(ctx, job).state == "cancelled"
     names = sorted(p.name for p in (_out(ctx, job) / "shards").iterdir())
-    assert all(name.startswith("000000-") for name in names) and len(names) == 3
+    assert all(name.startswith("000000-") for name in names) and len(names) == 4
     summary = json.loads((_out(ctx, job) / "_CANCELLED").read_text())
     assert summary == {"items": 2, "done": 2, "failed": 0, "shards": ["shards/000000-1"]}
 
