@@ -37,7 +37,7 @@ from service.shards import MANIFEST_SCHEMA, ShardWriter, parse_shard_key, sha256
 from service.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
-ROW_GROUP_ROWS = 65536
+ROW_GROUP_ROWS = 16384
 
 
 @dataclass(frozen=True)
