@@ -31,9 +31,13 @@ def to_uint8_batch(images: Any) -> npt.NDArray[np.uint8]:
     import torch
 
     with torch.no_grad():
-        # the same float32 operations in the same order as to_uint8, in place: one buffer
-        scaled = images.detach().to(torch.float32, copy=True)
-        scaled = scaled.clamp_(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
+        # the same float32 operations in the same order as to_uint8, in place in one new buffer
+        source = images.detach()
+        if source.dtype == torch.float32:
+            scaled = source.clamp(-1, 1)  # the copy and the clamp in one pass
+        else:
+            scaled = source.to(torch.float32).clamp_(-1, 1)
+        scaled = scaled.add_(1).mul_(127.5).round_().to(torch.uint8)
         hwc = scaled.permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
         if hwc.device.type != "cuda":
             out: npt.NDArray[np.uint8] = hwc.cpu().numpy()

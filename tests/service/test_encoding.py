@@ -19,7 +19,9 @@ def test_batch_conversion_matches_the_per_image_one(dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(0)
     images = (torch.randn(5, 3, 16, 8, generator=generator) * 0.9).to(dtype)
     images[0, 0, 0, :4] = torch.tensor([-1.5, 1.5, 0.0, -1.0])  # clipped, and exact ends
+    given = images.clone()
     batch = to_uint8_batch(images)
+    assert torch.equal(images, given)  # the model's tensor is left as it was
     assert batch.shape == (5, 16, 8, 3)
     for image, pixels in zip(images, batch, strict=True):
         assert (pixels == to_uint8(image)).all()
