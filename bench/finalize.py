@@ -78,25 +78,23 @@ def build(work: Path, items: int, chunk_size: int, *, lines: bool = True) -> str
         stop = min(start + chunk_size, items)
         keys = [item_key(i) for i in range(start, stop)]
         n = stop - start
-        table = pa.Table.from_pydict(
-            {
-                "key": keys,
-                "item": list(range(start, stop)),
-                "custom_id": [None] * n,
-                "status": ["ok"] * n,
-                "error": [None] * n,
-                "source": [None] * n,
-                "pose": [None] * n,
-                "identity": [None] * n,
-                "seed": [1] * n,
-                "keypoints": [KEYPOINTS] * n,
-                "labels": [LABELS] * n,
-                "object": [f"{shard_name(index)}.tar#{k}.png" for k in keys],
-                "sha256": [hashlib.sha256(k.encode()).hexdigest() for k in keys],
-                "bytes": [1024] * n,
-            },
-            schema=MANIFEST_SCHEMA,
-        )
+        columns = {
+            "key": keys,
+            "item": list(range(start, stop)),
+            "custom_id": [None] * n,
+            "status": ["ok"] * n,
+            "error": [None] * n,
+            "source": [None] * n,
+            "pose": [None] * n,
+            "identity": [None] * n,
+            "seed": [1] * n,
+            "keypoints": [KEYPOINTS] * n,
+            "labels": [LABELS] * n,
+            "object": [f"{shard_name(index)}.tar#{k}.png" for k in keys],
+            "sha256": [hashlib.sha256(k.encode()).hexdigest() for k in keys],
+            "bytes": [1024] * n,
+        }
+        table = pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
         sink = io.BytesIO()
         pq.write_table(table, sink)
         parquet = sink.getvalue()
@@ -112,7 +110,9 @@ def build(work: Path, items: int, chunk_size: int, *, lines: bool = True) -> str
             "parquet_sha256": hashlib.sha256(parquet).hexdigest(),
         }
         if lines:
-            jsonl = b"".join(manifest_line(row) for row in table.to_pylist())
+            values = zip(*columns.values(), strict=True)
+            rows = (dict(zip(columns, row, strict=True)) for row in values)
+            jsonl = b"".join(manifest_line(row) for row in rows)
             Path(f"{name}.jsonl").write_bytes(jsonl)
             marker["jsonl_sha256"] = hashlib.sha256(jsonl).hexdigest()
         Path(f"{name}.done.json").write_text(json.dumps(marker, sort_keys=True))
