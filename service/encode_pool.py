@@ -91,9 +91,11 @@ Result = tuple[bytes, str, Any]
 class OrderedEncoder:
     """Items go in with `put` or `put_error`; `ready` gives them back finished, in the same order.
 
-    With no pool, each image is encoded in `put` (the serial path). `prepare`, if given, runs
-    right after the encoder in the same thread, so the model's thread only orchestrates; its
-    result is the item's `prepared`. At most `max_pending` images
+    With no pool, each image is encoded in `put` (the serial path). With one, images go to it in
+    groups of `group` (and whatever is put before `ready` is called): one task per image costs
+    the model's thread a future and a wake-up each. `prepare`, if given, runs right after the
+    encoder in the same thread, so the model's thread only orchestrates; its result is the
+    item's `prepared`. At most `max_pending` images
     wait in the pool: past that, `ready` blocks on the oldest, calling `checkpoint` every
     `poll_seconds` meanwhile, so a slow encoder neither lets a lease lapse nor hides a cancel.
     `checkpoint` returns True to stop waiting (the caller stops).
@@ -107,11 +109,15 @@ class OrderedEncoder:
         max_pending: int,
         encoder: Encoder | None = None,
         prepare: Prepare | None = None,
+        group: int = 1,
     ) -> None:
         self.pool, self.fmt, self.max_pending = pool, fmt, max_pending
         self.encoder = encoder or encode_and_hash
         self.prepare = prepare
-        self._queue: deque[tuple[Encoded, Future[Result] | None]] = deque()
+        self.group = max(1, group)
+        # (item, its group's future or None for an error, its place in the group), in item order
+        self._queue: deque[tuple[Encoded, Future[list[Result]] | None, int]] = deque()
+        self._open: list[tuple[Encoded, npt.NDArray[np.uint8]]] = []  # not yet in the pool
         self._images = 0
 
     def _task(
@@ -121,27 +127,41 @@ class OrderedEncoder:
         prepared = None if self.prepare is None else self.prepare(item, data, meta, name, sha256)
         return data, sha256, prepared
 
+    def _tasks(self, group: list[tuple[Encoded, npt.NDArray[np.uint8]]]) -> list[Result]:
+        return [self._task(e.item, pixels, e.meta, e.name) for e, pixels in group]
+
+    def _submit(self) -> None:
+        """Send the open group to the pool (or, serial, encode it here)."""
+        group, self._open = self._open, []
+        if not group:
+            return
+        if self.pool is None:
+            future: Future[list[Result]] = Future()
+            future.set_result(self._tasks(group))
+        else:
+            future = self.pool.submit(self._tasks, group)
+        self._queue.extend((entry, future, place) for place, (entry, _) in enumerate(group))
+
     def put(
         self, item: int, pixels: npt.NDArray[np.uint8], meta: dict[str, Any], name: str | None
     ) -> None:
-        if self.pool is None:  # serial: encoded here and now
-            future: Future[Result] = Future()
-            future.set_result(self._task(item, pixels, meta, name))
-        else:
-            future = self.pool.submit(self._task, item, pixels, meta, name)
-        self._queue.append((Encoded(item, meta, name), future))
+        self._open.append((Encoded(item, meta, name), pixels))
         self._images += 1
+        if self.pool is None or len(self._open) >= self.group:
+            self._submit()
 
     def put_error(self, item: int, error: str, meta: dict[str, Any]) -> None:
-        self._queue.append((Encoded(item, meta, error=error), None))
+        self._submit()  # the items before it keep their place
+        self._queue.append((Encoded(item, meta, error=error), None, 0))
 
     def ready(
         self, *, drain: bool, checkpoint: Callable[[], bool], poll_seconds: float
     ) -> Iterator[Encoded]:
         """Finished items from the front. Waits for the oldest while more than `max_pending`
         images are queued (or, with `drain`, until none is); returns early if `checkpoint()`."""
+        self._submit()
         while self._queue:
-            entry, future = self._queue[0]
+            entry, future, place = self._queue[0]
             must_wait = drain or self._images > self.max_pending
             if future is not None and not future.done():
                 if not must_wait:
@@ -155,13 +175,14 @@ class OrderedEncoder:
             self._queue.popleft()
             if future is not None:
                 self._images -= 1
-                entry.data, entry.sha256, entry.prepared = future.result()
+                entry.data, entry.sha256, entry.prepared = future.result()[place]
             yield entry
 
     def cancel(self) -> None:
         """Drop what is queued (the chunk stopped): pending encodes are not waited for."""
-        for _entry, future in self._queue:
+        for _entry, future, _place in self._queue:
             if future is not None:
                 future.cancel()
         self._queue.clear()
+        self._open.clear()
         self._images = 0

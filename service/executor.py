@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from PIL import Image
 
 from service import labels, metrics
-from service.encode_pool import OrderedEncoder, shared_pool
+from service.encode_pool import OrderedEncoder, default_workers, shared_pool
 from service.encoding import to_uint8_batch
 from service.errors import tenant_reason
 from service.jobs import (
@@ -549,11 +549,14 @@ def execute_chunk(
         extension=fmt.extension,
         content_type=fmt.content_type,
     )
+    workers = ctx.settings.encode_workers
     encoder = OrderedEncoder(
-        shared_pool(ctx.settings.encode_workers),
+        shared_pool(workers),
         fmt,
         max_pending=2 * pipe.batch_size,
         prepare=writer.entry,  # the tar members and manifest row, in the pool too
+        # about four tasks per pool thread and micro-batch: few wake-ups, an even spread
+        group=pipe.batch_size // (4 * (workers or default_workers())),
     )
     beat = _Heartbeat(ctx, claim, should_stop)
 

@@ -284,6 +284,35 @@ def test_items_come_back_in_order_with_errors_in_place() -> None:
     assert got[0].sha256 == hashlib.sha256(got[0].data).hexdigest()
 
 
+class _CountingPool(ThreadPoolExecutor):
+    tasks = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.tasks += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_images_go_to_the_pool_in_groups_and_come_back_in_order() -> None:
+    fmt = OutputFormat()
+    images = np.random.default_rng(1).integers(0, 256, (9, 8, 4, 3), dtype=np.uint8)
+    with _CountingPool(2) as pool:
+        encoder = OrderedEncoder(pool, fmt, max_pending=8, group=3)
+        got = []
+        for i, image in enumerate(images):
+            if i == 4:  # closes the open group [3]: the error keeps its place after it
+                encoder.put_error(i, "no person found", {"item": i})
+            else:
+                encoder.put(i, image, {"item": i}, None)
+            if i == 5:  # a micro-batch ends: the open group [5] goes to the pool
+                got += encoder.ready(drain=False, checkpoint=lambda: False, poll_seconds=0.01)
+        got += encoder.ready(drain=True, checkpoint=lambda: False, poll_seconds=0.01)
+    assert pool.tasks == 4  # [0 1 2] [3] [5] [6 7 8]; the error is no task
+    assert [e.item for e in got] == list(range(9))
+    assert got[4].error == "no person found"
+    for e in got[:4] + got[5:]:
+        assert (e.data, e.sha256) == encode_and_hash(images[e.item], fmt)
+
+
 def test_the_pool_size_follows_the_cgroup_cpu_quota(tmp_path: Path) -> None:
     v2 = tmp_path / "v2"
     v2.mkdir()
