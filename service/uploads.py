@@ -157,7 +157,8 @@ class S3Upload(Upload):
         self._buffer += data
         # strictly more than a part: the last part, sent by finish, is never empty
         while len(self._buffer) > self._part_bytes:
-            part = bytes(self._buffer[: self._part_bytes])
+            with memoryview(self._buffer) as view:
+                part = bytes(view[: self._part_bytes])  # one copy; a bytearray slice is two
             del self._buffer[: self._part_bytes]
             self._send(part)
 
