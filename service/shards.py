@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from service.storage import Storage
+from service.uploads import Upload
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -134,10 +134,12 @@ class ShardEntry:
 @dataclass
 class ShardWriter:
     """Collects one chunk's items, then writes its objects under `prefix` (the job's folder), with
-    `tag` (the attempt) in their keys. The tar grows in a temporary file, not in memory.
+    `tag` (the attempt) in their keys. The tar is uploaded as it grows (`Storage.open_upload`:
+    parts go up in the background on S3), and is published by `write`; `close` without `write`
+    drops it.
 
     `entry` does an item's work (its tar members and manifest row) and may run in any thread (the
-    encode pool's); `add_entry` takes entries in item order. Tar bytes are written and hashed
+    encode pool's); `add_entry` takes entries in item order. Tar bytes are uploaded and hashed
     in batches (`flush`; `write` flushes too)."""
 
     storage: Storage
@@ -152,9 +154,9 @@ class ShardWriter:
     _lines: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._tar = tempfile.NamedTemporaryFile(prefix="dpig-shard-", suffix=".tar")
+        self._tar: Upload | None = None  # opened by the first flush
         self._tar_size = 0
-        self._tar_sha256 = hashlib.sha256()  # as it grows: the file is not read back
+        self._tar_sha256 = hashlib.sha256()  # as it grows: the upload is not read back
         self._pending: list[bytes] = []
 
     @property
@@ -209,11 +211,13 @@ class ShardWriter:
         self.add_entry(self.entry(item, image, meta, name, sha256))
 
     def flush(self) -> None:
-        """Write and hash the tar bytes added since the last flush: once per batch of items, not
+        """Upload and hash the tar bytes added since the last flush: once per batch of items, not
         per item (each write and hash lets go of the GIL, which the encode pool then holds)."""
         if self._pending:
             data = b"".join(self._pending)
             self._pending.clear()
+            if self._tar is None:
+                self._tar = self.storage.open_upload(f"{self.prefix}{self.name}.tar")
             self._tar.write(data)
             self._tar_sha256.update(data)
             self._tar_size += len(data)
@@ -254,7 +258,9 @@ class ShardWriter:
         return len(self.rows) - self.done
 
     def close(self) -> None:
-        self._tar.close()
+        """Drop the tar's upload unless `write` published it (a stopped or failed chunk)."""
+        if self._tar is not None:
+            self._tar.abort()
 
     def write(self, made_with: dict[str, Any] | None = None) -> dict[str, Any]:
         """Upload the shard, then its commit marker (last, so a marker means a whole shard).
@@ -275,9 +281,9 @@ class ShardWriter:
                 self.flush()
                 self._pending.append(tar_end(self._tar_size))
                 self.flush()
-                self._tar.flush()
+                assert self._tar is not None  # the flush of tar_end opened it
+                self._tar.finish()
                 marker["tar_sha256"] = self._tar_sha256.hexdigest()
-                self.storage.put_file(f"{self.prefix}{self.name}.tar", self._tar.name)
         finally:
             self.close()
         lines = b"".join(self._lines)

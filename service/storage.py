@@ -12,10 +12,8 @@ import itertools
 import mimetypes
 import os
 import re
-import shutil
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -31,6 +29,8 @@ from service.settings import Settings, normalize_location
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from service.uploads import Upload
 else:
     S3Client = Any
 
@@ -122,6 +122,12 @@ class Storage(ABC):
         """Upload a local file to ``key`` (multipart on S3 for large files)."""
 
     @abstractmethod
+    def open_upload(self, key: str, content_type: str | None = None) -> Upload:
+        """An object written piece by piece (``service.uploads.Upload``): ``write`` its bytes,
+        then ``finish`` to publish it atomically, or ``abort``. Nothing is at ``key`` before
+        ``finish``."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes:
         """Read a whole object; raises ``NotFound`` when it is missing."""
 
@@ -181,36 +187,25 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*check_key(key).split("/"))
 
-    def _write_atomic(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_TMP_PREFIX)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    fill(handle)
-                    handle.flush()
-                    # fsync before the rename: after a crash the key holds old or new bytes,
-                    # never a truncated file behind a commit marker
-                    os.fsync(handle.fileno())
-                # mkstemp creates 0600; outputs are meant to be read by other users and tools
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        except OSError as exc:
-            raise StorageError(f"cannot write {self.url(key)}: {exc}") from exc
+    def open_upload(self, key: str, content_type: str | None = None) -> Upload:
+        from service.uploads import LocalUpload  # uploads imports this module
+
+        return LocalUpload(self._path(key), self.url(key))
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
-        self._write_atomic(key, lambda handle: handle.write(data))
+        with self.open_upload(key) as upload:
+            upload.write(data)
+            upload.finish()
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
-        def copy(handle: BinaryIO) -> None:
-            with open(path, "rb") as source:
-                shutil.copyfileobj(source, handle, length=1 << 20)
-
-        self._write_atomic(key, copy)
+        with self.open_upload(key) as upload:
+            try:
+                with open(path, "rb") as source:
+                    while piece := source.read(1 << 20):
+                        upload.write(piece)
+            except OSError as exc:
+                raise StorageError(f"cannot write {self.url(key)}: {exc}") from exc
+            upload.finish()
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -325,7 +320,8 @@ def _error_code(exc: ClientError) -> str:
 
 
 class S3Storage(Storage):
-    """Objects in ``s3://bucket/prefix``; PUTs are atomic, large files go up in parts."""
+    """Objects in ``s3://bucket/prefix``; PUTs are atomic, large files go up in parts
+    (``open_upload``: parts of ``part_bytes``, from ``upload_threads`` background threads)."""
 
     def __init__(
         self,
@@ -334,6 +330,8 @@ class S3Storage(Storage):
         *,
         client: S3Client,
         transfer_config: TransferConfig | None = None,
+        part_bytes: int = 8 * 1024 * 1024,  # boto3's own multipart chunk size
+        upload_threads: int = 4,
     ) -> None:
         if not _BUCKET_RE.match(bucket):
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -344,6 +342,8 @@ class S3Storage(Storage):
         self.prefix = prefix
         self.client = client
         self.transfer_config = transfer_config or TransferConfig()
+        self.part_bytes = part_bytes
+        self.upload_threads = upload_threads
 
     @classmethod
     def from_settings(cls, bucket: str, prefix: str, settings: Settings) -> S3Storage:
@@ -389,6 +389,11 @@ class S3Storage(Storage):
             )
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise self._fail("upload", key, exc) from exc
+
+    def open_upload(self, key: str, content_type: str | None = None) -> Upload:
+        from service.uploads import S3Upload  # uploads imports this module
+
+        return S3Upload(self, key, _guess_type(key, content_type))
 
     def open_read(self, key: str) -> BinaryIO:
         try:

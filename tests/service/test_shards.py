@@ -1,18 +1,22 @@
 """The shard writer's own tar: byte for byte what `tarfile` writes, whichever threads made the
-entries."""
+entries and whichever storage it streams to; a chunk closed unfinished leaves nothing behind."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import random
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.shards import ShardWriter, tar_end, tar_member
-from service.storage import LocalStorage
+from service.storage import LocalStorage, S3Storage, Storage
+from service.uploads import MIN_PART_BYTES
 
 
 def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -77,3 +81,66 @@ def test_entries_made_in_threads_give_the_shard_of_adds_in_order(tmp_path: Path)
             labels = json.dumps(meta, sort_keys=True).encode()
             expected += [(f"{i:010d}.png", image), (f"{i:010d}.json", labels)]
     assert tars[0] == _tarfile_bytes(expected)
+
+
+def _big_items(count: int) -> list[tuple[bytes, dict[str, Any]]]:
+    """Images large enough that a few of them fill S3 parts of the minimum size."""
+    rng = random.Random(7)
+    return [(rng.randbytes(2_000_000 + 1000 * i), {"item": i, "seed": i}) for i in range(count)]
+
+
+def _parts_storage(server: Any, bucket: str) -> S3Storage:
+    return S3Storage(bucket, "out", client=server.client(), part_bytes=MIN_PART_BYTES)
+
+
+def _multipart_uploads(storage: S3Storage) -> list[Any]:
+    uploads: list[Any] = storage.client.list_multipart_uploads(Bucket=storage.bucket).get(
+        "Uploads", []
+    )
+    return uploads
+
+
+def test_a_shard_streamed_to_s3_in_parts_is_the_local_shard(
+    s3_server: Any, s3_bucket: str, tmp_path: Path
+) -> None:
+    local = LocalStorage(tmp_path / "out")
+    s3 = _parts_storage(s3_server, s3_bucket)
+    markers = []
+    for storage in (local, s3):
+        writer = ShardWriter(storage, "job/", 3, tag="9")
+        for i, (image, meta) in enumerate(_big_items(8)):
+            writer.add(i, image, meta)
+            writer.flush()
+        markers.append(writer.write())
+    assert markers[0] == markers[1]
+    tar = local.get_bytes("job/shards/000003-9.tar")
+    assert len(tar) > 3 * MIN_PART_BYTES  # four parts on S3
+    assert s3.get_bytes("job/shards/000003-9.tar") == tar
+    assert hashlib.sha256(tar).hexdigest() == markers[0]["tar_sha256"]
+    for name in ("parquet", "done.json"):
+        key = f"job/shards/000003-9.{name}"
+        assert s3.get_bytes(key) == local.get_bytes(key)
+    assert _multipart_uploads(s3) == []
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_a_chunk_closed_without_write_leaves_no_shard(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    storage: Storage
+    if backend == "local":
+        storage = LocalStorage(tmp_path / "out")
+    else:
+        server = request.getfixturevalue("s3_server")
+        storage = _parts_storage(server, request.getfixturevalue("s3_bucket"))
+    writer = ShardWriter(storage, "job/", 0, tag="1")
+    for i, (image, meta) in enumerate(_big_items(6)):  # more than two parts on S3
+        writer.add(i, image, meta)
+        writer.flush()
+    writer.close()  # what the executor does with a stopped, cancelled or failed chunk
+    writer.close()
+    assert storage.list() == []
+    if isinstance(storage, S3Storage):
+        assert _multipart_uploads(storage) == []
+    else:  # not even a temporary file (listings skip those)
+        assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import url2pathname
 
@@ -26,6 +29,7 @@ from service.storage import (
     s3_client_config,
     storage_from_url,
 )
+from service.uploads import MIN_PART_BYTES
 
 BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a/", "a\x00b"]
 BAD_PREFIXES = ["/abs", "../", "a/../", "a//", "./"]
@@ -449,3 +453,197 @@ def test_iter_keys_pages_cover_every_key_once(
         after = page[-1]
     assert [len(p) for p in pages] == [2, 2, 2]
     assert sorted(k for p in pages for k in p) == sorted(keys)
+
+
+# --- streamed uploads (open_upload) --------------------------------------------------------------
+
+
+def _temp_files(storage: Storage) -> list[Path]:
+    """A local store's leftover temporary files (listings skip them)."""
+    if not isinstance(storage, LocalStorage) or not storage.root.exists():
+        return []
+    return [p for p in storage.root.rglob("*") if p.name.startswith(".dpig-tmp-")]
+
+
+def _multipart_uploads(storage: Storage) -> list[dict[str, Any]]:
+    """An S3 store's multipart uploads in progress (readers never see them)."""
+    if not isinstance(storage, S3Storage):
+        return []
+    uploads: list[dict[str, Any]] = storage.client.list_multipart_uploads(
+        Bucket=storage.bucket
+    ).get("Uploads", [])
+    return uploads
+
+
+def _parts_storage(server: Any, bucket: str, tmp_path: Path) -> S3Storage:
+    """A store whose uploads go up in parts of S3's minimum size (SeaweedFS enforces it too)."""
+    client = s3_client(server.settings(tmp_path))
+    return S3Storage(bucket, "up", client=client, part_bytes=MIN_PART_BYTES)
+
+
+def _wait_for_multipart_upload(storage: S3Storage) -> dict[str, Any]:
+    """The one multipart upload in progress, once the background thread has created it."""
+    deadline = time.monotonic() + 10
+    while not (uploads := _multipart_uploads(storage)):
+        assert time.monotonic() < deadline, "no multipart upload was created"
+        time.sleep(0.05)
+    (upload,) = uploads
+    return upload
+
+
+def test_upload_is_invisible_until_finished(storage: Storage) -> None:
+    data = bytes(range(256)) * 400
+    with storage.open_upload("shards/000000.tar") as upload:
+        for start in range(0, len(data), 1000):
+            upload.write(data[start : start + 1000])
+        assert not storage.exists("shards/000000.tar")
+        assert storage.list() == []
+        upload.finish()
+    assert storage.get_bytes("shards/000000.tar") == data
+    assert storage.list() == ["shards/000000.tar"]
+    assert _temp_files(storage) == [] and _multipart_uploads(storage) == []
+
+
+def test_upload_replaces_an_object_whole(storage: Storage) -> None:
+    storage.put_bytes("k.tar", b"old" * 1000)
+    with storage.open_upload("k.tar") as upload:
+        upload.write(b"new")
+        assert storage.get_bytes("k.tar") == b"old" * 1000
+        upload.finish()
+    assert storage.get_bytes("k.tar") == b"new"
+
+
+def test_upload_aborted_or_left_unfinished_leaves_nothing(storage: Storage) -> None:
+    upload = storage.open_upload("a.tar")
+    upload.write(b"x" * 5000)
+    upload.abort()
+    upload.abort()  # idempotent
+    with pytest.raises(ValueError, match="aborted"):
+        upload.write(b"more")
+    with storage.open_upload("b.tar") as unfinished:
+        unfinished.write(b"y" * 5000)
+    assert unfinished.aborted
+    with pytest.raises(RuntimeError), storage.open_upload("c.tar") as failing:
+        failing.write(b"z")
+        raise RuntimeError("the chunk failed")
+    assert storage.list() == []
+    assert _temp_files(storage) == [] and _multipart_uploads(storage) == []
+
+
+def test_upload_abort_after_finish_keeps_the_object(storage: Storage) -> None:
+    upload = storage.open_upload("k.bin")
+    upload.write(b"kept")
+    upload.finish()
+    upload.abort()
+    assert storage.get_bytes("k.bin") == b"kept"
+    with pytest.raises(ValueError, match="finished"):
+        upload.finish()
+
+
+def test_local_upload_is_0644_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    with store.open_upload("jobs/j/shards/000000.tar") as upload:
+        upload.write(b"tar")
+        (temp,) = _temp_files(store)
+        assert temp.parent == tmp_path / "jobs" / "j" / "shards"  # renamed within its folder
+        upload.finish()
+    assert (tmp_path / "jobs/j/shards/000000.tar").stat().st_mode & 0o777 == 0o644
+    assert _temp_files(store) == []
+
+
+def test_s3_upload_in_parts_while_writing(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    data = random.Random(1).randbytes(2 * MIN_PART_BYTES + 12345)
+    with store.open_upload("shards/000000.tar") as upload:
+        for start in range(0, len(data), 100_000):
+            upload.write(data[start : start + 100_000])
+        # both full parts went up (or are going up) before finish
+        assert _wait_for_multipart_upload(store)["Key"] == "up/shards/000000.tar"
+        assert not store.exists("shards/000000.tar") and store.list() == []
+        upload.finish()
+    assert store.get_bytes("shards/000000.tar") == data
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key="up/shards/000000.tar")
+    assert head["ETag"].strip('"').endswith("-3")
+    assert head["ContentType"] == "application/x-tar"  # as put_file names a .tar
+    assert _multipart_uploads(store) == []
+
+
+def test_s3_upload_of_whole_parts(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    data = random.Random(2).randbytes(2 * MIN_PART_BYTES)
+    with store.open_upload("k.bin", content_type="application/octet-stream") as upload:
+        upload.write(data)
+        upload.finish()
+    assert store.get_bytes("k.bin") == data
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key="up/k.bin")
+    assert head["ETag"].strip('"').endswith("-2")  # the last part is whole, not empty
+
+
+def test_s3_upload_smaller_than_a_part_is_one_put(
+    s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    data = random.Random(3).randbytes(MIN_PART_BYTES)  # exactly one part: still one put
+    with store.open_upload("small.tar") as upload:
+        for start in range(0, len(data), 1 << 16):
+            upload.write(data[start : start + (1 << 16)])
+        time.sleep(0.2)
+        assert _multipart_uploads(store) == []
+        upload.finish()
+    assert store.get_bytes("small.tar") == data
+    etag = s3_server.client().head_object(Bucket=s3_bucket, Key="up/small.tar")["ETag"]
+    assert "-" not in etag  # not a multipart object
+    assert _multipart_uploads(store) == []
+
+
+def test_s3_upload_aborted_mid_way_leaves_nothing(
+    s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    with store.open_upload("shards/000001.tar") as upload:
+        upload.write(random.Random(4).randbytes(2 * MIN_PART_BYTES + 1))
+        _wait_for_multipart_upload(store)
+    assert upload.aborted
+    assert _multipart_uploads(store) == []
+    assert s3_server.client().list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+
+
+def test_s3_failed_part_is_a_storage_error(s3_server, s3_bucket: str, tmp_path: Path) -> None:
+    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    client = s3_server.client()
+    piece = random.Random(5).randbytes(MIN_PART_BYTES + 1)
+    upload = store.open_upload("shards/000002.tar")
+    upload.write(piece)  # the first part goes up
+    gone = _wait_for_multipart_upload(store)
+    # the upload disappears behind the writer's back: later parts get NoSuchUpload
+    client.abort_multipart_upload(Bucket=s3_bucket, Key=gone["Key"], UploadId=gone["UploadId"])
+    with pytest.raises(StorageError, match="s3://.*/up/shards/000002.tar"):
+        for _ in range(3):
+            upload.write(piece)
+        upload.finish()
+    assert upload.aborted
+    upload.abort()  # already done: nothing more to do
+    assert _multipart_uploads(store) == []
+    assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+
+
+def test_s3_upload_to_an_unreachable_endpoint_is_a_storage_error(tmp_path: Path) -> None:
+    settings = Settings.from_values(
+        home=tmp_path, s3_endpoint_url="http://127.0.0.1:9", s3_region="us-east-1",
+        aws_access_key_id="k", aws_secret_access_key="s", s3_max_attempts=2,
+    )  # fmt: skip
+    store = S3Storage("bucket-a", client=s3_client(settings), part_bytes=MIN_PART_BYTES)
+    with store.open_upload("big.tar") as upload, pytest.raises(StorageError, match="big.tar"):
+        upload.write(b"x" * (MIN_PART_BYTES + 1))  # creating the multipart upload fails
+        upload.finish()
+    assert upload.aborted
+    with store.open_upload("small.tar") as upload, pytest.raises(StorageError, match="small"):
+        upload.write(b"x")
+        upload.finish()
+
+
+def test_s3_part_size_below_the_minimum_is_refused(s3_server, tmp_path: Path) -> None:
+    client = s3_client(s3_server.settings(tmp_path))
+    store = S3Storage("bucket-a", client=client, part_bytes=MIN_PART_BYTES - 1)
+    with pytest.raises(ValueError, match="part_bytes"):
+        store.open_upload("k")
