@@ -277,6 +277,11 @@ class LocalStorage(Storage):
             path = self._path(key)
             path.unlink(missing_ok=True)
             folders.update(p for p in path.parents if p != self.root and self.root in p.parents)
+        if prefix.endswith("/") and (whole := self._path(prefix.rstrip("/"))).is_dir():
+            # a killed writer's unfinished upload (`LocalUpload`) would keep the folder alive
+            for stale in whole.rglob(f"{_TMP_PREFIX}*"):
+                stale.unlink(missing_ok=True)
+                folders.update(p for p in stale.parents if whole == p or whole in p.parents)
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             try:
                 folder.rmdir()

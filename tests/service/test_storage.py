@@ -161,6 +161,17 @@ def test_local_delete_prefix_prunes_empty_folders(tmp_path: Path) -> None:
     assert (tmp_path / "jobs" / "2" / "b").exists()
 
 
+def test_local_delete_prefix_removes_a_killed_writers_unfinished_upload(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    store.put_bytes("jobs/1/shards/000000-1.parquet", b"x")
+    left = store.open_upload("jobs/1/shards/000001-2.tar")  # its worker died: never finished
+    left.write(b"half a tar")
+    store.put_bytes("jobs/10/a", b"x")
+    assert store.delete_prefix("jobs/1/") == 1
+    assert not (tmp_path / "jobs" / "1").exists()
+    assert store.list("jobs/") == ["jobs/10/a"]
+
+
 def test_local_root_must_be_absolute() -> None:
     with pytest.raises(ValueError, match="absolute"):
         LocalStorage("relative/dir")
