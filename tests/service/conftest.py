@@ -264,6 +264,26 @@ def single_thread_torch() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def parts_storage(client: Any, bucket: str, prefix: str) -> Any:
+    """An S3Storage whose uploads go up in parts of S3's minimum size (SeaweedFS enforces it)."""
+    from service.storage import S3Storage
+    from service.uploads import MIN_PART_BYTES
+
+    return S3Storage(bucket, prefix, client=client, part_bytes=MIN_PART_BYTES)
+
+
+def multipart_uploads(storage: Any) -> list[dict[str, Any]]:
+    """An S3 store's multipart uploads in progress (readers never see them); none elsewhere."""
+    from service.storage import S3Storage
+
+    if not isinstance(storage, S3Storage):
+        return []
+    uploads: list[dict[str, Any]] = storage.client.list_multipart_uploads(
+        Bucket=storage.bucket
+    ).get("Uploads", [])
+    return uploads
+
+
 def synthetic_people(
     root: Path, *, identities: int, per_identity: int = 2, seed: int = 5
 ) -> tuple[Path, dict[str, Any]]:

@@ -17,6 +17,7 @@ import pytest
 from service.shards import ShardWriter, tar_end, tar_member
 from service.storage import LocalStorage, S3Storage, Storage
 from service.uploads import MIN_PART_BYTES
+from tests.service.conftest import multipart_uploads, parts_storage
 
 
 def _tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -89,22 +90,11 @@ def _big_items(count: int) -> list[tuple[bytes, dict[str, Any]]]:
     return [(rng.randbytes(2_000_000 + 1000 * i), {"item": i, "seed": i}) for i in range(count)]
 
 
-def _parts_storage(server: Any, bucket: str) -> S3Storage:
-    return S3Storage(bucket, "out", client=server.client(), part_bytes=MIN_PART_BYTES)
-
-
-def _multipart_uploads(storage: S3Storage) -> list[Any]:
-    uploads: list[Any] = storage.client.list_multipart_uploads(Bucket=storage.bucket).get(
-        "Uploads", []
-    )
-    return uploads
-
-
 def test_a_shard_streamed_to_s3_in_parts_is_the_local_shard(
     s3_server: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
     local = LocalStorage(tmp_path / "out")
-    s3 = _parts_storage(s3_server, s3_bucket)
+    s3 = parts_storage(s3_server.client(), s3_bucket, "out")
     markers = []
     for storage in (local, s3):
         writer = ShardWriter(storage, "job/", 3, tag="9")
@@ -120,7 +110,7 @@ def test_a_shard_streamed_to_s3_in_parts_is_the_local_shard(
     for name in ("parquet", "done.json"):
         key = f"job/shards/000003-9.{name}"
         assert s3.get_bytes(key) == local.get_bytes(key)
-    assert _multipart_uploads(s3) == []
+    assert multipart_uploads(s3) == []
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
@@ -132,7 +122,7 @@ def test_a_chunk_closed_without_write_leaves_no_shard(
         storage = LocalStorage(tmp_path / "out")
     else:
         server = request.getfixturevalue("s3_server")
-        storage = _parts_storage(server, request.getfixturevalue("s3_bucket"))
+        storage = parts_storage(server.client(), request.getfixturevalue("s3_bucket"), "out")
     writer = ShardWriter(storage, "job/", 0, tag="1")
     for i, (image, meta) in enumerate(_big_items(6)):  # more than two parts on S3
         writer.add(i, image, meta)
@@ -141,6 +131,6 @@ def test_a_chunk_closed_without_write_leaves_no_shard(
     writer.close()
     assert storage.list() == []
     if isinstance(storage, S3Storage):
-        assert _multipart_uploads(storage) == []
+        assert multipart_uploads(storage) == []
     else:  # not even a temporary file (listings skip those)
         assert [p for p in (tmp_path / "out").rglob("*") if p.is_file()] == []

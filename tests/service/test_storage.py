@@ -30,6 +30,7 @@ from service.storage import (
     storage_from_url,
 )
 from service.uploads import MIN_PART_BYTES
+from tests.service.conftest import multipart_uploads, parts_storage
 
 BAD_KEYS = ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a/.", "a\\b", "a/", "a\x00b"]
 BAD_PREFIXES = ["/abs", "../", "a/../", "a//", "./"]
@@ -476,26 +477,10 @@ def _temp_files(storage: Storage) -> list[Path]:
     return [p for p in storage.root.rglob("*") if p.name.startswith(".dpig-tmp-")]
 
 
-def _multipart_uploads(storage: Storage) -> list[dict[str, Any]]:
-    """An S3 store's multipart uploads in progress (readers never see them)."""
-    if not isinstance(storage, S3Storage):
-        return []
-    uploads: list[dict[str, Any]] = storage.client.list_multipart_uploads(
-        Bucket=storage.bucket
-    ).get("Uploads", [])
-    return uploads
-
-
-def _parts_storage(server: Any, bucket: str, tmp_path: Path) -> S3Storage:
-    """A store whose uploads go up in parts of S3's minimum size (SeaweedFS enforces it too)."""
-    client = s3_client(server.settings(tmp_path))
-    return S3Storage(bucket, "up", client=client, part_bytes=MIN_PART_BYTES)
-
-
 def _wait_for_multipart_upload(storage: S3Storage) -> dict[str, Any]:
     """The one multipart upload in progress, once the background thread has created it."""
     deadline = time.monotonic() + 10
-    while not (uploads := _multipart_uploads(storage)):
+    while not (uploads := multipart_uploads(storage)):
         assert time.monotonic() < deadline, "no multipart upload was created"
         time.sleep(0.05)
     (upload,) = uploads
@@ -512,7 +497,7 @@ def test_upload_is_invisible_until_finished(storage: Storage) -> None:
         upload.finish()
     assert storage.get_bytes("shards/000000.tar") == data
     assert storage.list() == ["shards/000000.tar"]
-    assert _temp_files(storage) == [] and _multipart_uploads(storage) == []
+    assert _temp_files(storage) == [] and multipart_uploads(storage) == []
 
 
 def test_upload_replaces_an_object_whole(storage: Storage) -> None:
@@ -538,7 +523,7 @@ def test_upload_aborted_or_left_unfinished_leaves_nothing(storage: Storage) -> N
         failing.write(b"z")
         raise RuntimeError("the chunk failed")
     assert storage.list() == []
-    assert _temp_files(storage) == [] and _multipart_uploads(storage) == []
+    assert _temp_files(storage) == [] and multipart_uploads(storage) == []
 
 
 def test_upload_abort_after_finish_keeps_the_object(storage: Storage) -> None:
@@ -563,7 +548,7 @@ def test_local_upload_is_0644_and_leaves_no_temp_file(tmp_path: Path) -> None:
 
 
 def test_s3_upload_in_parts_while_writing(s3_server, s3_bucket: str, tmp_path: Path) -> None:
-    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    store = parts_storage(s3_client(s3_server.settings(tmp_path)), s3_bucket, "up")
     data = random.Random(1).randbytes(2 * MIN_PART_BYTES + 12345)
     with store.open_upload("shards/000000.tar") as upload:
         for start in range(0, len(data), 100_000):
@@ -576,11 +561,11 @@ def test_s3_upload_in_parts_while_writing(s3_server, s3_bucket: str, tmp_path: P
     head = s3_server.client().head_object(Bucket=s3_bucket, Key="up/shards/000000.tar")
     assert head["ETag"].strip('"').endswith("-3")
     assert head["ContentType"] == "application/x-tar"  # as put_file names a .tar
-    assert _multipart_uploads(store) == []
+    assert multipart_uploads(store) == []
 
 
 def test_s3_upload_of_whole_parts(s3_server, s3_bucket: str, tmp_path: Path) -> None:
-    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    store = parts_storage(s3_client(s3_server.settings(tmp_path)), s3_bucket, "up")
     data = random.Random(2).randbytes(2 * MIN_PART_BYTES)
     with store.open_upload("k.bin", content_type="application/octet-stream") as upload:
         upload.write(data)
@@ -593,34 +578,34 @@ def test_s3_upload_of_whole_parts(s3_server, s3_bucket: str, tmp_path: Path) -> 
 def test_s3_upload_smaller_than_a_part_is_one_put(
     s3_server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    store = parts_storage(s3_client(s3_server.settings(tmp_path)), s3_bucket, "up")
     data = random.Random(3).randbytes(MIN_PART_BYTES)  # exactly one part: still one put
     with store.open_upload("small.tar") as upload:
         for start in range(0, len(data), 1 << 16):
             upload.write(data[start : start + (1 << 16)])
         time.sleep(0.2)
-        assert _multipart_uploads(store) == []
+        assert multipart_uploads(store) == []
         upload.finish()
     assert store.get_bytes("small.tar") == data
     etag = s3_server.client().head_object(Bucket=s3_bucket, Key="up/small.tar")["ETag"]
     assert "-" not in etag  # not a multipart object
-    assert _multipart_uploads(store) == []
+    assert multipart_uploads(store) == []
 
 
 def test_s3_upload_aborted_mid_way_leaves_nothing(
     s3_server, s3_bucket: str, tmp_path: Path
 ) -> None:
-    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    store = parts_storage(s3_client(s3_server.settings(tmp_path)), s3_bucket, "up")
     with store.open_upload("shards/000001.tar") as upload:
         upload.write(random.Random(4).randbytes(2 * MIN_PART_BYTES + 1))
         _wait_for_multipart_upload(store)
     assert upload.aborted
-    assert _multipart_uploads(store) == []
+    assert multipart_uploads(store) == []
     assert s3_server.client().list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
 
 
 def test_s3_failed_part_is_a_storage_error(s3_server, s3_bucket: str, tmp_path: Path) -> None:
-    store = _parts_storage(s3_server, s3_bucket, tmp_path)
+    store = parts_storage(s3_client(s3_server.settings(tmp_path)), s3_bucket, "up")
     client = s3_server.client()
     piece = random.Random(5).randbytes(MIN_PART_BYTES + 1)
     upload = store.open_upload("shards/000002.tar")
@@ -634,7 +619,7 @@ def test_s3_failed_part_is_a_storage_error(s3_server, s3_bucket: str, tmp_path: 
         upload.finish()
     assert upload.aborted
     upload.abort()  # already done: nothing more to do
-    assert _multipart_uploads(store) == []
+    assert multipart_uploads(store) == []
     assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
 
 
