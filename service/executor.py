@@ -511,7 +511,7 @@ class _Heartbeat:
             self.checked = now
             if self.should_stop():
                 raise _Interrupted("stopped")
-        if time.monotonic() - self.renewed > self.ctx.settings.lease_seconds / 3:
+        if now - self.renewed > self.ctx.settings.lease_seconds / 3:
             if not renew_lease(self.ctx, self.claim):
                 raise _Interrupted("lost_lease")  # someone else owns the chunk now
             self.renewed = time.monotonic()
